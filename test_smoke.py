@@ -1,0 +1,339 @@
+"""Fast checks of facts that could be false. No network; about a minute on a 2-core CPU.
+
+    python -m pytest -q test_smoke.py
+"""
+import gzip
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import embed
+import eval as evaluation
+import model as M
+import train
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: small datasets in each release's real layout
+
+
+def synthetic_log(n_users=40, n_items=30, seed=0):
+    """(user, item, time) rows where user u prefers items near u, so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start = u % n_items
+        for t in range(6 + u % 5):
+            rows.append((f'U{u:03d}', f'I{(start + t + rng.integers(0, 2)) % n_items:03d}', 1000 + 10 * t))
+    return rows
+
+
+def write_lines(path, lines):
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'wt', encoding='utf-8') as f:
+        f.write(''.join(line + '\n' for line in lines))
+
+
+def amazon2014(folder, rows, items=None, extra_review_lines=(), meta_lines=None):
+    os.makedirs(folder, exist_ok=True)
+    write_lines(f'{folder}/reviews_Beauty_5.json.gz',
+                [json.dumps({'reviewerID': u, 'asin': i, 'unixReviewTime': t}) for u, i, t in rows] + list(extra_review_lines))
+    items = items if items is not None else sorted({i for _, i, _ in rows})
+    if meta_lines is None:
+        meta_lines = [repr({'asin': i, 'title': f"Item {i}'s lipstick", 'brand': 'Acme', 'price': 5.5,
+                            'categories': [['Beauty', 'Makeup']], 'salesRank': {'Beauty': 3}}) for i in items]
+    write_lines(f'{folder}/meta_Beauty.json.gz', meta_lines)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A processed synthetic dataset in the Amazon 2014 layout."""
+    root = tmp_path_factory.mktemp('tiny')
+    raw = amazon2014(str(root / 'raw'), synthetic_log())
+    data.main(['--raw', raw, '--out', str(root / 'proc'), '--eval-negatives', '10'])
+    return data.load_processed(str(root / 'proc'))
+
+
+def tokenizer_folder(folder, texts, kind):
+    """A word-level tokenizer made here from `texts`: no download. The LLaMA-like one has no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for t in texts for w in t.lower().replace('.', ' ').replace(';', ' ').split()})
+    vocab = {w: i for i, w in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '</s>'] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {'pad_token': '[PAD]'} if kind == 'bert' else {'eos_token': '</s>'}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='[UNK]', **special)
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_lm(folder, kind, texts):
+    """A tiny randomly initialised BERT or LLaMA with its own tokenizer, saved to `folder`."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    vocab = tokenizer_folder(folder, texts, kind)
+    if kind == 'bert':
+        lm = BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128))
+    else:
+        lm = LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128))
+    lm.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py
+
+
+def test_amazon2014_layout_and_counts(tiny):
+    s = tiny.stats
+    assert s['layout'] == 'amazon2014' and s['users'] == 40 and s['interactions'] == len(tiny.sequences)
+    items = tiny.read_jsonl('items.jsonl')
+    assert len(items) == tiny.n_items and items[0]['id'] == 1
+    assert items[0]['prompt'].startswith("The beauty item has following attributes: name is Item ")
+    assert 'price is 5.50' in items[0]['prompt'] and 'unknown' not in items[0]['prompt']
+    assert [a[0] for a in items[0]['attributes']] == ['name', 'brand', 'price', 'categories']
+
+
+def test_amazon2018_layout(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    rows = synthetic_log()
+    write_lines(str(raw / 'All_Beauty_5.json.gz'),
+                [json.dumps({'overall': 5.0, 'reviewerID': u, 'asin': i, 'unixReviewTime': t, 'reviewTime': 'x'}) for u, i, t in rows])
+    write_lines(str(raw / 'meta_All_Beauty.json.gz'),
+                [json.dumps({'asin': i, 'title': f'Soap {i}', 'price': '$12.99', 'category': ['All Beauty', 'Soap'],
+                             'description': ['Gentle', 'soap.'], 'feature': ['Vegan']})
+                 for i in sorted({i for _, i, _ in rows})])
+    data.main(['--raw', str(raw), '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    d = data.load_processed(str(tmp_path / 'p'))
+    prompt = d.read_jsonl('items.jsonl')[0]['prompt']
+    assert d.stats['layout'] == 'amazon2018' and d.n_users == 40
+    assert re.fullmatch(r'The all beauty item has following attributes: name is Soap I\d{3}; price is 12\.99\. '
+                        r'The item has following features: All Beauty, Soap; Vegan\. '
+                        r'The item has following descriptions: Gentle soap\.', prompt), prompt
+
+
+def test_yelp_layout(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    rows = synthetic_log()
+    write_lines(str(raw / 'yelp_academic_dataset_review.json'),
+                [json.dumps({'review_id': str(k), 'user_id': u, 'business_id': i, 'stars': 4,
+                             'date': f'2018-07-0{1 + (t - 1000) // 10 % 9} 22:09:11'}) for k, (u, i, t) in enumerate(rows)])
+    write_lines(str(raw / 'yelp_academic_dataset_business.json'),
+                [json.dumps({'business_id': i, 'name': f'Cafe {i}', 'city': 'Tucson', 'stars': 4.5,
+                             'review_count': 12, 'categories': 'Coffee & Tea, Cafes'}) for i in sorted({i for _, i, _ in rows})])
+    data.main(['--raw', str(raw), '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    d = data.load_processed(str(tmp_path / 'p'))
+    assert d.stats['layout'] == 'yelp'
+    assert d.read_jsonl('items.jsonl')[0]['prompt'].startswith('The business has following attributes: name is Cafe')
+
+
+def test_time_sort_is_stable_and_split_leaves_no_leak(tmp_path):
+    # user A: three items on one day in file order z, y, x, then w and v later; extra users make a 1-core
+    rows = [('A', 'z', 5), ('A', 'y', 5), ('A', 'x', 5), ('A', 'v', 9), ('A', 'w', 7), ('B', 'x', 1),
+            ('B', 'y', 2), ('B', 'z', 3), ('C', 'p', 1), ('C', 'q', 2), ('C', 'r', 3)]
+    raw = amazon2014(str(tmp_path / 'raw'), rows)
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--min-user', '3', '--min-item', '1', '--eval-negatives', '1'])
+    d = data.load_processed(str(tmp_path / 'p'))
+    raw_item = {r['id']: r['raw'] for r in d.read_jsonl('items.jsonl')}
+    users = {r['raw']: r for r in d.read_jsonl('users.jsonl')}
+    a = users['A']['id']
+    seq = [raw_item[i] for i in d.sequences[d.offsets[a]:d.offsets[a + 1]]]
+    assert seq == ['z', 'y', 'x', 'w', 'v']
+    assert raw_item[d.target(2)[a]] == 'w' and raw_item[d.target(1)[a]] == 'v'
+    train_in = d.padded(2, 10)[a]
+    assert [raw_item[i] for i in train_in[train_in > 0]] == ['z', 'y', 'x']
+    prompt = users['A']['prompt']      # training titles only, most recent last
+    assert "Item x's" in prompt and "Item w's" not in prompt and "Item v's" not in prompt
+    assert prompt.index("Item z's") < prompt.index("Item x's")
+    # evaluation negatives are never items the user touched
+    assert not set(d.eval_negatives[a]) & set(d.sequences[d.offsets[a]:d.offsets[a + 1]])
+
+
+def test_kcore_is_iterative():
+    # item 2 has 2 users; dropping user 1 (1 interaction after item 3 goes) cascades
+    users = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    items = np.array([0, 1, 2, 2, 3, 0, 1, 2])
+    keep, rounds = data.kcore(users, items, min_user=2, min_item=2)
+    assert keep.tolist() == [True, True, True, False, False, True, True, True]
+    keep, rounds = data.kcore(users, items, min_user=3, min_item=2)
+    assert keep.tolist() == [True, True, True, False, False, True, True, True] and rounds >= 2
+
+
+def test_pareto_threshold():
+    counts = np.array([50, 40, 30, 20, 10, 9, 8, 7, 6, 5])
+    t = data.pareto_threshold(counts)
+    assert t == 40 and (counts >= t).sum() == 2
+    assert data.pareto_threshold(np.array([3, 3, 3, 1, 1])) == 3   # ties join the head
+
+
+def test_groups_match_stats(tiny):
+    head = tiny.head_items()
+    assert head[1:].sum() == tiny.stats['head_items'] and tiny.head_users().sum() == tiny.stats['head_users']
+    pop = tiny.item_popularity()
+    assert pop[head].min() >= pop[1:][~head[1:]].max()
+
+
+def test_user_prompt_cut_from_the_front():
+    titles = ['old one', 'middle', 'newest']
+    prompt = data.render_user_prompt(titles, budget=len(data.USER_HEADER) + 16)
+    assert prompt.endswith('middle; newest.') and 'old one' not in prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# model.py
+
+
+def test_pca_matches_svd():
+    x = torch.randn(200, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    ours = M.pca(x, 4).double()
+    centred = (x - x.mean(0)).numpy()
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    ref = centred @ vt[:4].T
+    for j in range(4):  # equal up to the sign of each axis
+        assert min(np.abs(ours[:, j].numpy() - ref[:, j]).max(), np.abs(ours[:, j].numpy() + ref[:, j]).max()) < 1e-6
+
+
+def test_retrieval_matches_brute_force_and_never_returns_self():
+    torch.manual_seed(0)
+    emb = torch.randn(300, 8)
+    got = M.similar_users(emb, 5, chunk=64)
+    unit = emb / emb.norm(dim=1, keepdim=True)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-2)
+    assert torch.equal(got, sims.topk(5, dim=1).indices)
+    assert not (got == torch.arange(300)[:, None]).any()
+
+
+def small_model(method='llmesr', n_items=30, d_llm=12, **kw):
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(n_items=n_items, method=method, d=8, max_len=20, dropout=0.0, **kw)
+    return M.Recommender(cfg, torch.randn(n_items, d_llm)).eval()
+
+
+@pytest.mark.parametrize('method', ['base', 'llmesr'])
+def test_causal_later_items_do_not_change_earlier_outputs(method):
+    m = small_model(method)
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7]])
+    changed = seq.clone()
+    changed[0, 5:] = torch.tensor([9, 10])
+    a, b = m.user_states(seq), m.user_states(changed)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) and not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_trimming_padding_changes_no_output():
+    m = small_model()
+    seq = torch.tensor([[0, 0, 0, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    full = m.user_states(seq)
+    more = m.user_states(torch.cat([torch.zeros(2, 4, dtype=torch.long), seq], 1))
+    assert torch.allclose(full, more[:, 4:], atol=1e-6)
+
+
+def test_pca_initialises_collaborative_table():
+    m = small_model()
+    llm = m.llm_items[1:]
+    assert torch.allclose(m.co_items.weight[1:], M.pca(llm, 8), atol=1e-5)
+    assert m.co_items.weight[0].abs().sum() == 0 and not m.llm_items.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py
+
+
+def test_ndcg_for_known_ranks():
+    r = evaluation.metrics([0, 1, 9, 10], [10])
+    assert r['HR@10'] == 0.75
+    assert math.isclose(r['NDCG@10'], (1 + 1 / math.log2(3) + 1 / math.log2(11)) / 4)
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' whose scores are given: user vector = one-hot of the user, item table = scores.T."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores                                       # (U, n_items + 1)
+
+    def item_table(self):
+        return self.scores.T
+
+    def user_vectors(self, seq, table=None):
+        return torch.nn.functional.one_hot(seq[:, -1] - 100, len(self.scores)).float()
+
+
+def test_ties_count_against_the_target():
+    scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5], [0.0, 2.0, 1.0, 3.0, 0.0]])
+    inputs = np.array([[100], [101]])                              # user u is encoded as item 100 + u
+    full, sampled = evaluation.rank_targets(Fixed(scores), inputs, np.array([1, 1]), np.array([[2, 4], [2, 4]]), 8, 'cpu')
+    assert full.tolist() == [2, 1] and sampled.tolist() == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# embed.py and the whole pipeline
+
+
+@pytest.mark.parametrize('kind', ['bert', 'llama'])
+def test_embed_mean_pooling_ignores_padding(tmp_path, kind):
+    texts = ['a short text', 'a much longer text with many more words in it than the first one']
+    folder = tiny_lm(str(tmp_path / kind), kind, texts)
+    tok, lm = embed.load_lm(folder, 'cpu')
+    together = embed.embed_texts(texts, tok, lm, 64, 2)
+    alone = np.stack([embed.embed_texts([t], tok, lm, 64, 1)[0] for t in texts])
+    assert tok.pad_token is not None and tok.padding_side == 'right'
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_embed_refuses_other_data_and_missing_model(tmp_path, tiny):
+    with pytest.raises(data.DataError, match='cannot be found locally'):
+        embed.load_lm(str(tmp_path / 'no-such-model'), 'cpu')
+    with pytest.raises(data.DataError, match='no embedding manifest'):
+        embed.load_embeddings(str(tmp_path), tiny)
+
+
+def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny):
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    embed.main(['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'emb'), '--batch-size', '16'])
+    items, users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), tiny)
+    assert items.shape == (tiny.n_items, 32) and users.shape == (tiny.n_users, 32)
+    args = ['--data', tiny.folder, '--emb', str(tmp_path / 'emb'), '--max-len', '10', '--d', '16', '--dropout', '0.1',
+            '--batch-size', '8', '--lr', '0.01', '--epochs', '15', '--patience', '15', '--n-similar', '3', '--log-every', '1000']
+    train.main(args + ['--method', 'llmesr', '--out', str(tmp_path / 'run')])
+    res = json.load(open(tmp_path / 'run' / 'results.json'))
+    for protocol in ['full', 'sampled']:
+        for group in evaluation.GROUPS:
+            assert set(res['test'][protocol][group]) >= {'HR@10', 'NDCG@10', 'users'}
+    assert len(res['epoch_seconds']) == 15
+    ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)
+    assert not any(k.startswith('_orig_mod') for k in ckpt['model'])
+    # the training loss falls and validation improves on the first epoch's model
+    history = res['valid_history']
+    assert history[-1]['train_loss'] < 0.8 * history[0]['train_loss']
+    assert max(h['valid']['overall']['NDCG@10'] for h in history) > history[0]['valid']['overall']['NDCG@10']
+
+
+def test_tiny_model_overfits_one_batch(tiny):
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(n_items=tiny.n_items, method='base', d=16, max_len=10, dropout=0.0)
+    m = M.Recommender(cfg)
+    rows = torch.from_numpy(tiny.padded(2, 11)[:8])
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(100):
+        loss, _ = m(rows[:, :-1], rows[:, 1:], train.sample_negatives(rows, tiny.n_items, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
