@@ -59,14 +59,15 @@ def pca(x, k):
     return (centred @ top).float()
 
 
-def similar_users(user_emb, n, chunk=4096):
+def similar_users(user_emb, n, chunk=None):
     """(U, d) -> (U, n) int64: the n most cosine-similar other users of each user, best first.
 
-    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); a user never
-    retrieves itself.
+    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); by default the
+    chunk keeps one block of similarities near 256 MiB whatever U is. A user never retrieves itself.
     """
     if n >= len(user_emb):
         raise ValueError(f'cannot retrieve {n} similar users among {len(user_emb)} users')
+    chunk = chunk or max(1, (64 << 20) // len(user_emb))           # 64 Mi float32 = 256 MiB
     unit = F.normalize(user_emb.float(), dim=1)                    # (U, d)
     out = torch.empty(len(unit), n, dtype=torch.long)
     for start in range(0, len(unit), chunk):
@@ -214,14 +215,20 @@ class Recommender(nn.Module):
             raise ValueError(f'method {cfg.method} needs the language-model item table')
         pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
 
+        # Departure: every item table starts at the scale of SASRec's xavier-initialised table (the
+        # PCA output and the LM table rescaled, their geometry kept). Unscaled MiniLM tables start
+        # ~15x larger, saturate the BCE logits and overfit within two epochs on Beauty.
+        std = math.sqrt(2 / (cfg.n_items + 1 + cfg.d))               # xavier-normal std of the table
         if self.use_co:
             self.co_items = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
             if cfg.method == 'llminit' or (llm and cfg.pca_init):
-                self.co_items.weight.data.copy_(pad(pca(torch.as_tensor(llm_items), cfg.d)))
+                reduced = pca(torch.as_tensor(llm_items), cfg.d)
+                self.co_items.weight.data.copy_(pad(reduced * (std / reduced.std().clamp(min=1e-12))))
             else:
                 nn.init.xavier_normal_(self.co_items.weight.data[1:])
         if self.use_sem:
-            self.register_buffer('llm_items', pad(torch.as_tensor(llm_items).float()), persistent=False)
+            table = torch.as_tensor(llm_items).float()
+            self.register_buffer('llm_items', pad(table * (std / table.std().clamp(min=1e-12))), persistent=False)
             d_llm = self.llm_items.shape[1]
             # the official adapter has no nonlinearity between its two layers; neither has this one
             self.adapter = (nn.Sequential(nn.Linear(d_llm, d_llm // 2), nn.Linear(d_llm // 2, cfg.d))
