@@ -341,3 +341,57 @@ def test_tiny_model_overfits_one_batch(tiny):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_lines_are_reported_counted_and_bounded(tmp_path, capsys):
+    rows = synthetic_log()
+    raw = amazon2014(str(tmp_path / 'raw'), rows, extra_review_lines=['{"reviewerID": "U1", "asin": '])
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    err = capsys.readouterr().err
+    assert f'reviews_Beauty_5.json.gz, line {len(rows) + 1}' in err
+    assert data.load_processed(str(tmp_path / 'p')).stats['skipped_lines'] == {f'{raw}/reviews_Beauty_5.json.gz': 1}
+    with pytest.raises(SystemExit, match=f'line {len(rows) + 1}.*--strict'):
+        data.main(['--raw', raw, '--out', str(tmp_path / 'q'), '--strict'])
+    many_bad = amazon2014(str(tmp_path / 'raw2'), rows, extra_review_lines=['not json'] * 10)
+    with pytest.raises(SystemExit, match='10 of .* lines are malformed'):
+        data.main(['--raw', many_bad, '--out', str(tmp_path / 'r')])
+    assert not os.path.exists(tmp_path / 'q') and not os.path.exists(tmp_path / 'r')
+
+
+def test_missing_files_name_the_path_and_the_command(tmp_path):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    os.remove(f'{raw}/meta_Beauty.json.gz')
+    with pytest.raises(SystemExit, match=r'meta_Beauty.json.gz: file is missing.*--download'):
+        data.main(['--raw', raw, '--out', str(tmp_path / 'p')])
+    with pytest.raises(SystemExit, match=r'no such folder.*--download'):
+        data.main(['--raw', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'p')])
+
+
+def test_item_without_text_keeps_its_id(tmp_path, capsys):
+    rows = synthetic_log()
+    items = sorted({i for _, i, _ in rows})
+    raw = amazon2014(str(tmp_path / 'raw'), rows, items=items[1:])          # the first item has no metadata
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    d = data.load_processed(str(tmp_path / 'p'))
+    assert f'1 of {d.n_items} items have no text' in capsys.readouterr().err
+    bare = [r for r in d.read_jsonl('items.jsonl') if r['raw'] == items[0]][0]
+    assert bare['attributes'] == [] and bare['prompt'] == 'The beauty item.' and d.stats['items_without_text'] == 1
+
+
+def test_processed_folder_is_reused_and_embeddings_of_other_data_refused(tmp_path, tiny, capsys):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    args = ['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10']
+    data.main(args)
+    data.main(args)
+    assert 'is up to date' in capsys.readouterr().out
+    other = data.load_processed(str(tmp_path / 'p'))
+    other.fingerprint = 'something else'
+    folder = tmp_path / 'emb'
+    folder.mkdir()
+    data.write_json_atomic(str(folder / 'manifest.json'), {'embed_version': embed.EMBED_VERSION, 'data_fingerprint': tiny.fingerprint})
+    with pytest.raises(data.DataError, match='other processed data.*python embed.py'):
+        embed.load_embeddings(str(folder), other)
