@@ -1,6 +1,7 @@
 """Evaluation: full ranking and the papers' 100-negative protocol, HR@K and NDCG@K per long-tail group.
 
     python eval.py --run runs/beauty-llmesr              # re-evaluate a saved run's best checkpoint
+    python eval.py --report results/beauty/*.json        # a markdown table of finished runs
 
 Full ranking scores the target against every item (history included: a repeated item can be the
 target). The sampled protocol scores it against the user's stored negatives (data.py draws them
@@ -108,16 +109,38 @@ def markdown_table(results, ks, title=''):
     return '\n'.join(lines).lstrip('\n') + '\n'
 
 
+def report(paths, k=10):
+    """Markdown: one row per results.json and protocol, HR@k and NDCG@k for every group."""
+    head = '| run | protocol | ' + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | epochs | s/epoch | commit |'
+    lines = [head, '|---|---|' + '---:|' * (2 * len(GROUPS) + 2) + '---|']
+    for path in paths:
+        res = json.load(open(path))
+        c = res['config']
+        name = f'{c["method"]} ({c["backbone"]}), seed {c["seed"]}'
+        for protocol in ('full', 'sampled'):
+            cells = ' | '.join(f'{res["test"][protocol][g][f"HR@{k}"]:.4f} | {res["test"][protocol][g][f"NDCG@{k}"]:.4f}'
+                               for g in GROUPS)
+            lines.append(f'| {name} | {protocol} | {cells} | {res["epochs_run"]} (best {res["best_epoch"]}) '
+                         f'| {np.median(res["epoch_seconds"]):.1f} | {(res.get("commit") or "?")[:7]} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     from data import DataError
     from train import load_run
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--run', required=True, help='run folder written by train.py')
+    p.add_argument('--run', help='run folder written by train.py')
+    p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files and stop')
     p.add_argument('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
     p.add_argument('--ks', type=int, nargs='+', default=[10], help='cut-offs K of HR@K and NDCG@K')
     p.add_argument('--batch-size', type=int, default=1024, help='users per scoring batch')
     p.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     args = p.parse_args(argv)
+    if args.report:
+        print(report(args.report, args.ks[0]))
+        return
+    if not args.run:
+        p.error('give --run or --report')
     try:
         model, data, config, device = load_run(args.run, args.device)
     except DataError as e:
