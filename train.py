@@ -163,6 +163,7 @@ def main(argv=None):
 
 def train(args):
     config = vars(args)
+    commit = git_commit()                                          # the code this run starts from
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,7 +278,7 @@ def train(args):
               f'| train {state["epoch_seconds"][-1]:.1f} s, eval {time.time() - started:.1f} s'
               f'{" *" if better else ""}', flush=True)
 
-    test(args, config, data, model, state, device)
+    test(args, config, data, model, state, device, commit)
 
 
 def trim_rows(rows):
@@ -296,7 +297,7 @@ def teacher_for(model, similar, table, train_rows, device):
     return model.user_vectors(rows).view(B, N, -1).mean(1)
 
 
-def test(args, config, data, model, state, device):
+def test(args, config, data, model, state, device, commit):
     best = torch.load(os.path.join(args.out, 'best.pt'), map_location='cpu', weights_only=False)
     model.load_state_dict(best['model'])
     inputs, targets = data.padded(1, args.max_len), data.target(1)
@@ -308,7 +309,7 @@ def test(args, config, data, model, state, device):
            'epochs_run': state['epoch'], 'epoch_seconds': state['epoch_seconds'],
            'train_seconds': float(sum(state['epoch_seconds'])), 'test_eval_seconds': eval_seconds,
            'valid_history': state['history'], 'data_fingerprint': data.fingerprint, 'device': str(device),
-           'torch': torch.__version__, 'commit': git_commit()}
+           'torch': torch.__version__, 'commit': commit}
     write_json_atomic(os.path.join(args.out, 'results.json'), out)
     tmp = os.path.join(args.out, f'test_ranks.tmp-{os.getpid()}.npz')
     np.savez(tmp, full=ranks['full'], sampled=ranks['sampled'])
