@@ -50,24 +50,28 @@ def user_vectors(model, inputs, batch_size, device):
 
 @torch.no_grad()
 def rank_targets(model, inputs, targets, negatives, batch_size, device):
-    """0-based rank of each user's target: (full (U,), sampled (U,)) int64 numpy arrays.
+    """0-based rank of each user's target, and the user vectors that scored it.
 
-    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids.
+    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids ->
+    (full (U,) int64, sampled (U,) int64, vectors (U, D) float32 tensor on the CPU).
     """
     model.eval()
     table = model.item_table()                                     # (n_items + 1, D)
     full = np.zeros(len(inputs), dtype=np.int64)
     sampled = np.zeros(len(inputs), dtype=np.int64)
+    vectors = torch.zeros(len(inputs), table.shape[1])
     for idx in batches_by_length(inputs, batch_size):
         seq = torch.from_numpy(trim(inputs[idx])).to(device)
-        scores = model.user_vectors(seq, table) @ table.T           # (B, n_items + 1)
+        users = model.user_vectors(seq, table)                     # (B, D)
+        vectors[idx] = users.float().cpu()
+        scores = users @ table.T                                   # (B, n_items + 1)
         scores[:, 0] = -float('inf')                               # padding is never recommended
         target = torch.from_numpy(targets[idx]).to(device)
         t = scores.gather(1, target[:, None])                      # (B, 1)
         full[idx] = ((scores >= t).sum(1) - 1).cpu().numpy()       # ties count against the target
         neg = scores.gather(1, torch.from_numpy(negatives[idx]).long().to(device))  # (B, n_neg)
         sampled[idx] = (neg >= t).sum(1).cpu().numpy()
-    return full, sampled
+    return full, sampled, vectors
 
 
 def metrics(ranks, ks):
@@ -89,12 +93,12 @@ def group_masks(targets, head_items, head_users):
 
 
 def evaluate(model, inputs, targets, negatives, groups, ks, batch_size, device):
-    """-> ({'full'|'sampled': {group: {metric: value}}}, {'full'|'sampled': ranks (U,)})"""
-    full, sampled = rank_targets(model, inputs, targets, negatives, batch_size, device)
+    """-> ({'full'|'sampled': {group: {metric: value}}}, {'full'|'sampled': ranks (U,)}, user vectors (U, D))"""
+    full, sampled, vectors = rank_targets(model, inputs, targets, negatives, batch_size, device)
     ranks = {'full': full, 'sampled': sampled}
     results = {protocol: {g: {'users': int(m.sum()), **metrics(r[m], ks)} for g, m in groups.items()}
                for protocol, r in ranks.items()}
-    return results, ranks
+    return results, ranks, vectors
 
 
 def markdown_table(results, ks, title=''):
@@ -148,7 +152,7 @@ def main(argv=None):
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(targets, data.head_items(), data.head_users())
-    results, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size, device)
+    results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size, device)
     print(markdown_table(results, args.ks, f'{args.run} ({args.split})'))
     print(json.dumps(results))
 

@@ -278,8 +278,16 @@ class Fixed(torch.nn.Module):
 def test_ties_count_against_the_target():
     scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5], [0.0, 2.0, 1.0, 3.0, 0.0]])
     inputs = np.array([[100], [101]])                              # user u is encoded as item 100 + u
-    full, sampled = evaluation.rank_targets(Fixed(scores), inputs, np.array([1, 1]), np.array([[2, 4], [2, 4]]), 8, 'cpu')
+    full, sampled, _ = evaluation.rank_targets(Fixed(scores), inputs, np.array([1, 1]), np.array([[2, 4], [2, 4]]), 8, 'cpu')
     assert full.tolist() == [2, 1] and sampled.tolist() == [1, 0]
+
+
+def test_ranking_pass_returns_the_user_vectors_that_serve_as_teachers(tiny):
+    m = small_model(n_items=tiny.n_items)
+    inputs = tiny.padded(2, 10)
+    _, _, vectors = evaluation.rank_targets(m, inputs, tiny.target(2), tiny.eval_negatives, 7, 'cpu')
+    assert torch.allclose(vectors, evaluation.user_vectors(m, inputs, 5, 'cpu'), atol=1e-6)
+    assert torch.allclose(vectors[:3], m.user_vectors(torch.from_numpy(inputs[:3])), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +332,10 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny):
     history = res['valid_history']
     assert history[-1]['train_loss'] < 0.8 * history[0]['train_loss']
     assert max(h['valid']['overall']['NDCG@10'] for h in history) > history[0]['valid']['overall']['NDCG@10']
+    # the official per-step teachers run too, and so does the plain baseline
+    train.main(args + ['--method', 'llmesr', '--teacher', 'live', '--epochs', '1', '--out', str(tmp_path / 'live')])
+    train.main(args + ['--method', 'base', '--epochs', '1', '--out', str(tmp_path / 'base')])
+    assert os.path.exists(tmp_path / 'live' / 'results.json') and os.path.exists(tmp_path / 'base' / 'results.json')
 
 
 def test_tiny_model_overfits_one_batch(tiny):

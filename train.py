@@ -11,9 +11,11 @@ gets results.json, results.md and test_ranks.npz (each user's 0-based target ran
 Self-distillation (llmesr, --alpha > 0): the --n-similar users nearest to each user by cosine of
 their LM user embeddings are retrieved once; the teacher of a user is the mean of their
 representations. The official code runs ten similar users through the model on every step
-(about 12 model passes a step). Here --teacher table (the default) computes every user's
-representation once per epoch in eval mode, so a step only averages cached rows; --teacher live
-recomputes the teachers every step, without gradients, as the official code does.
+(about 12 model passes a step). Here --teacher table (the default) keeps a table of every user's
+representation, so a step only averages cached rows: the table is the user vectors that each
+epoch's validation pass computes anyway (eval mode, each user's whole training sequence), so it
+costs no extra pass. --teacher live recomputes the teachers every step, without gradients, from
+the similar users' training inputs, as the official code does.
 
 Random state: --seed seeds numpy (batch order), torch (initialisation, dropout) and the negative
 sampler; all their states are saved in every checkpoint, so --resume continues the same run.
@@ -217,8 +219,8 @@ def train(args):
         if state['next_batch'] == 0:
             state['perm'] = np_rng.permutation(data.n_users)
             state['seconds'] = 0.0
-            if distill and args.teacher == 'table':
-                state['teacher'] = user_vectors(model, train_rows[:, :-1], args.eval_batch, device)  # (U, D)
+            if distill and args.teacher == 'table' and state['teacher'] is None:
+                state['teacher'] = user_vectors(model, valid_in, args.eval_batch, device)  # (U, D), first epoch only
         model.train()
         tick, seen = time.time(), 0
         state.setdefault('loss_sum', 0.0)
@@ -259,7 +261,10 @@ def train(args):
         state['next_batch'] = 0
 
         started = time.time()
-        results, _ = evaluate(model, valid_in, valid_t, data.eval_negatives, valid_groups, [10], args.eval_batch, device)
+        results, _, vectors = evaluate(model, valid_in, valid_t, data.eval_negatives, valid_groups, [10],
+                                       args.eval_batch, device)
+        if distill and args.teacher == 'table':
+            state['teacher'] = vectors                             # next epoch's teachers, at no extra cost
         full = results['full']
         ndcg = full['overall']['NDCG@10']
         state['history'].append({'epoch': epoch, 'train_loss': state.pop('loss_sum') / n_batches, 'valid': full})
@@ -303,7 +308,7 @@ def test(args, config, data, model, state, device, commit):
     inputs, targets = data.padded(1, args.max_len), data.target(1)
     groups = group_masks(targets, data.head_items(), data.head_users())
     started = time.time()
-    results, ranks = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.eval_batch, device)
+    results, ranks, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.eval_batch, device)
     eval_seconds = time.time() - started
     out = {'test': results, 'config': config, 'best_epoch': state['best_epoch'], 'best_valid_ndcg10': state['best'],
            'epochs_run': state['epoch'], 'epoch_seconds': state['epoch_seconds'],
