@@ -312,13 +312,10 @@ def test_embed_refuses_other_data_and_missing_model(tmp_path, tiny):
         embed.load_embeddings(str(tmp_path), tiny)
 
 
-def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny):
-    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
-    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
-    embed.main(['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'emb'), '--batch-size', '16'])
-    items, users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), tiny)
+def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb):
+    items, users, manifest = embed.load_embeddings(tiny_emb, tiny)
     assert items.shape == (tiny.n_items, 32) and users.shape == (tiny.n_users, 32)
-    args = ['--data', tiny.folder, '--emb', str(tmp_path / 'emb'), '--max-len', '10', '--d', '16', '--dropout', '0.1',
+    args = ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--dropout', '0.1',
             '--batch-size', '8', '--lr', '0.01', '--epochs', '15', '--patience', '15', '--n-similar', '3', '--log-every', '1000']
     train.main(args + ['--method', 'llmesr', '--out', str(tmp_path / 'run')])
     res = json.load(open(tmp_path / 'run' / 'results.json'))
@@ -407,3 +404,49 @@ def test_processed_folder_is_reused_and_embeddings_of_other_data_refused(tmp_pat
     data.write_json_atomic(str(folder / 'manifest.json'), {'embed_version': embed.EMBED_VERSION, 'data_fingerprint': tiny.fingerprint})
     with pytest.raises(data.DataError, match='other processed data.*python embed.py'):
         embed.load_embeddings(str(folder), other)
+
+
+# ---------------------------------------------------------------------------------------------
+# interrupted runs
+
+
+@pytest.fixture(scope='module')
+def tiny_emb(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp('emb')
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    embed.main(['--data', tiny.folder, '--lm', tiny_lm(str(root / 'lm'), 'bert', texts), '--out', str(root / 'emb')])
+    return str(root / 'emb')
+
+
+def test_sigkill_then_resume_ends_at_the_same_metrics(tmp_path, tiny, tiny_emb):
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ['--data', tiny.folder, '--emb', tiny_emb, '--method', 'llmesr', '--max-len', '10', '--d', '16',
+            '--batch-size', '8', '--lr', '0.01', '--epochs', '40', '--patience', '40', '--n-similar', '3',
+            '--log-every', '1000', '--threads', '1']
+    train.main(args + ['--out', str(tmp_path / 'whole')])
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--out', str(killed)], cwd=os.path.dirname(__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if (killed / 'last.pt').exists() and torch.load(killed / 'last.pt', weights_only=False)['state']['epoch'] >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, 'the run ended before it could be killed'
+    assert not (killed / 'results.json').exists()
+    train.main(args + ['--out', str(killed), '--resume'])
+    whole, resumed = (json.load(open(p / 'results.json')) for p in (tmp_path / 'whole', killed))
+    assert resumed['test'] == whole['test']
+    assert [h['valid'] for h in resumed['valid_history']] == [h['valid'] for h in whole['valid_history']]
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
+    def args(d):
+        return ['--data', tiny.folder, '--emb', tiny_emb, '--method', 'base', '--max-len', '10', '--d', d,
+                '--epochs', '1', '--log-every', '1000', '--out', str(tmp_path / 'run')]
+    train.main(args('16'))
+    with pytest.raises(SystemExit, match=r"other settings: d=16 \(now 32\)"):
+        train.main(args('32') + ['--resume'])
