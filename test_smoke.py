@@ -445,6 +445,20 @@ def test_sigkill_then_resume_ends_at_the_same_metrics(tmp_path, tiny, tiny_emb):
     assert [h['valid'] for h in resumed['valid_history']] == [h['valid'] for h in whole['valid_history']]
 
 
+def test_a_run_refuses_embeddings_made_by_another_model(tmp_path, tiny, tiny_emb):
+    emb = tmp_path / 'emb'
+    shutil.copytree(tiny_emb, emb)
+    args = ['--data', tiny.folder, '--emb', str(emb), '--max-len', '10', '--d', '16', '--n-similar', '3',
+            '--epochs', '1', '--log-every', '1000', '--out', str(tmp_path / 'run')]
+    train.main(args)
+    manifest = json.load(open(emb / 'manifest.json'))
+    data.write_json_atomic(str(emb / 'manifest.json'), {**manifest, 'model_fingerprint': 'another model'})
+    with pytest.raises(data.DataError, match='holds other embeddings than'):
+        train.load_run(str(tmp_path / 'run'))
+    with pytest.raises(SystemExit, match='other settings: emb_id='):
+        train.main(args + ['--resume'])
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
     def args(d):
         return ['--data', tiny.folder, '--emb', tiny_emb, '--method', 'base', '--max-len', '10', '--d', d,

@@ -31,7 +31,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from data import DataError, load_processed, write_json_atomic
+from data import DataError, load_processed, sha256_json, write_json_atomic
 from embed import load_embeddings
 from eval import evaluate, group_masks, markdown_table, user_vectors
 from model import ModelConfig, Recommender, similar_users
@@ -100,15 +100,18 @@ def pick_device(name):
 
 
 def build(config, device):
-    """(data, model, LM user table or None) from a config dict; the model's tables filled in."""
+    """(data, model, LM user table or None, embedding identity or None) from a config dict."""
     data = load_processed(config['data'])
-    llm_items = llm_users = None
+    llm_items = llm_users = emb_id = None
     if config['method'] != 'base':
         if not config['emb']:
             raise DataError(f'--method {config["method"]} needs --emb, a folder written by embed.py.')
-        llm_items, llm_users, _ = load_embeddings(config['emb'], data)
+        llm_items, llm_users, manifest = load_embeddings(config['emb'], data)
+        # what the embeddings are, so a folder re-embedded with another model is never taken for this one
+        emb_id = sha256_json({k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
+                                                       'item_prompts_sha256', 'user_prompts_sha256')})
     model = Recommender(model_config(config, data.n_items), None if llm_items is None else torch.from_numpy(llm_items))
-    return data, model.to(device), llm_users
+    return data, model.to(device), llm_users, emb_id
 
 
 def load_run(run, device='auto'):
@@ -118,7 +121,13 @@ def load_run(run, device='auto'):
         raise DataError(f'{path}: no checkpoint. Train first: `python train.py ... --out {run}`.')
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
     device = pick_device(device)
-    data, model, _ = build(ckpt['config'], device)
+    data, model, _, emb_id = build(ckpt['config'], device)
+    if 'emb_id' not in ckpt['config']:
+        print(f'warning: {run} predates the embedding identity check; {ckpt["config"]["emb"]} is taken as it is',
+              file=sys.stderr)
+    elif ckpt['config']['emb_id'] != emb_id:
+        raise DataError(f'{ckpt["config"]["emb"]} holds other embeddings than {run} was trained on (another model, '
+                        'length or prompts). Re-embed with the original settings, or train again.')
     model.load_state_dict(ckpt['model'])
     return model.eval(), data, ckpt['config'], device
 
@@ -174,7 +183,7 @@ def train(args):
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     neg_gen = torch.Generator().manual_seed(args.seed)
-    data, model, llm_users = build(config, device)
+    data, model, llm_users, config['emb_id'] = build(config, device)
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, '
           f'{data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
