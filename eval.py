@@ -129,12 +129,140 @@ def report(paths, k=10):
     return '\n'.join(lines) + '\n'
 
 
+# ---------------------------------------------------------------------------------------------
+# looking at what a model does: one user's recommendations, accuracy by popularity bucket
+
+
+@torch.no_grad()
+def recommend(model, inputs, k, batch_size, device):
+    """(U, L) inputs -> (items (U, k) int64, scores (U, k) float32): each user's top k, best first."""
+    model.eval()
+    table = model.item_table()
+    items, scores = np.zeros((len(inputs), k), dtype=np.int64), np.zeros((len(inputs), k), dtype=np.float32)
+    for idx in batches_by_length(inputs, batch_size):
+        s = model.user_vectors(torch.from_numpy(trim(inputs[idx])).to(device), table) @ table.T
+        s[:, 0] = -float('inf')
+        top = s.topk(k, dim=1)
+        items[idx], scores[idx] = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+    return items, scores
+
+
+def popularity_buckets(popularity, n_buckets):
+    """(n_items + 1,) training counts -> (n_items + 1,) bucket of each item: 0 = most popular, equal item counts."""
+    order = np.argsort(-popularity[1:], kind='stable') + 1
+    bucket = np.zeros(len(popularity), dtype=np.int64)
+    for b, chunk in enumerate(np.array_split(order, n_buckets)):
+        bucket[chunk] = b
+    return bucket
+
+
+def bucket_metrics(ranks, targets, bucket, n_buckets, k=10):
+    """Per bucket of the target item: users, HR@k and NDCG@k from 0-based full-ranking ranks."""
+    return [{'bucket': b, 'users': int((bucket[targets] == b).sum()), **metrics(ranks[bucket[targets] == b], [k])}
+            for b in range(n_buckets)]
+
+
+def find_user(data, who, seed):
+    """Dense id of a raw user id, or of a random long-tail user for 'tail'."""
+    users = data.read_jsonl('users.jsonl')
+    if who == 'tail':
+        return int(np.random.default_rng(seed).choice(np.flatnonzero(~data.head_users())))
+    for row in users:
+        if row['raw'] == who:
+            return row['id']
+    from data import DataError
+    raise DataError(f'--show {who}: no such user in {data.folder} (raw ids look like {users[0]["raw"]}); '
+                    'use --show tail for a random long-tail user.')
+
+
+def describe(item, titles, popularity, head, width=60):
+    title = titles[item] or '(no title)'
+    title = title if len(title) <= width else title[:width - 3] + '...'
+    return f'{title} [{popularity[item]}, {"head" if head[item] else "tail"}]'
+
+
+def show_runs(runs, who, seed, batch_size, k=10):
+    """Text: one user's history and test target, then each run's top k side by side, with the target's rank."""
+    model, data, config, device = next(iter(runs.values()))
+    user = find_user(data, who, seed)
+    titles = [''] + [dict(r['attributes']).get('name', '') for r in data.read_jsonl('items.jsonl')]
+    pop, head = data.item_popularity(), data.head_items()
+    history = data.sequences[data.offsets[user]:data.offsets[user + 1]]
+    raw = data.read_jsonl('users.jsonl')[user]['raw']
+    lines = [f'user {raw} (id {user}, {"head" if data.head_users()[user] else "tail"} user, {len(history) - 2} '
+             'training items); each item: title [training interactions, head/tail]', 'history, oldest first:']
+    lines += [f'  {i + 1:>3}. {describe(item, titles, pop, head)}' + ('  <- validation item' if i == len(history) - 2 else '')
+              for i, item in enumerate(history[:-1])]
+    lines.append(f'test target: {describe(history[-1], titles, pop, head)}')
+    columns = []
+    for name, (model, data, config, device) in runs.items():
+        inputs = data.padded(1, config['max_len'])[user:user + 1]
+        full, _, _ = rank_targets(model, inputs, history[-1:].astype(np.int64), data.eval_negatives[user:user + 1], 1, device)
+        items, scores = recommend(model, inputs, k, 1, device)
+        tail = int((~head[items[0]]).sum())
+        columns.append([f'{name}: target rank {full[0] + 1}, {tail} of {k} tail items'] +
+                       [f'{r + 1:>2}. {describe(i, titles, pop, head, 44)} {s:.2f}' + (' <- target' if i == history[-1] else '')
+                        for r, (i, s) in enumerate(zip(items[0], scores[0]))])
+    width = max(len(line) for col in columns for line in col) + 2
+    for row in zip(*columns):
+        lines.append(''.join(cell.ljust(width) for cell in row).rstrip())
+    return '\n'.join(lines)
+
+
+def plot_runs(runs, path, n_buckets, batch_size, k=10):
+    """Accuracy by item-popularity bucket and the tail share of top-k lists: a text table, and a PNG if path."""
+    model, data, config, device = next(iter(runs.values()))
+    targets = data.target(1)
+    bucket = popularity_buckets(data.item_popularity(), n_buckets)
+    head = data.head_items()
+    rows, table = {}, [f'| run | {" | ".join(f"bucket {b} HR@{k} / NDCG@{k}" for b in range(n_buckets))} | tail share of top-{k} |',
+                       '|---|' + '---:|' * (n_buckets + 1)]
+    for name, (model, data, config, device) in runs.items():
+        inputs = data.padded(1, config['max_len'])
+        full, _, _ = rank_targets(model, inputs, targets, data.eval_negatives, batch_size, device)
+        items, _ = recommend(model, inputs, k, batch_size, device)
+        rows[name] = (bucket_metrics(full, targets, bucket, n_buckets, k), float((~head[items]).mean()))
+        table.append(f'| {name} | ' + ' | '.join(f'{m[f"HR@{k}"]:.4f} / {m[f"NDCG@{k}"]:.4f}' for m in rows[name][0]) +
+                     f' | {rows[name][1]:.3f} |')
+    users = [m['users'] for m in next(iter(rows.values()))[0]]
+    text = (f'buckets of {len(bucket) - 1:,} items by training popularity, 0 = most popular, equal item counts; '
+            f'test users per bucket: {users}\n' + '\n'.join(table))
+    if path:
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from data import DataError
+            raise DataError(f'--plot {path} needs matplotlib (pip install matplotlib); the same numbers as text:\n{text}') from None
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        width = 0.8 / len(rows)
+        for j, (name, (per_bucket, tail_share)) in enumerate(rows.items()):
+            label = os.path.basename(os.path.normpath(name))
+            for ax, metric in zip(axes[:2], (f'HR@{k}', f'NDCG@{k}')):
+                ax.bar(np.arange(n_buckets) + j * width, [m[metric] for m in per_bucket], width, label=label)
+                ax.set(title=f'{metric} by target-item popularity', xlabel='bucket (0 = most popular)', ylabel=metric)
+            axes[2].bar([j], [tail_share], label=label)
+        axes[2].set(title=f'share of tail items in top-{k} lists', xticks=[])
+        for ax in axes:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        text += f'\nwrote {path}'
+    return text
+
+
 def main(argv=None):
     from data import DataError
     from train import load_run
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', help='run folder written by train.py')
+    p.add_argument('--compare', nargs='+', default=[], metavar='RUN', help='more run folders for --show and --plot')
     p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files and stop')
+    p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
+    p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
+    p.add_argument('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
+    p.add_argument('--seed', type=int, default=0, help="seed that picks the user of --show tail")
     p.add_argument('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
     p.add_argument('--ks', type=int, nargs='+', default=[10], help='cut-offs K of HR@K and NDCG@K')
     p.add_argument('--batch-size', type=int, default=1024, help='users per scoring batch')
@@ -146,9 +274,18 @@ def main(argv=None):
     if not args.run:
         p.error('give --run or --report')
     try:
-        model, data, config, device = load_run(args.run, args.device)
+        runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
+        if len({run[1].fingerprint for run in runs.values()}) > 1:
+            raise DataError('--compare: the runs were trained on different processed data; compare runs of one dataset.')
+        if args.show:
+            print(show_runs(runs, args.show, args.seed, args.batch_size))
+            return
+        if args.plot:
+            print(plot_runs(runs, args.plot, args.buckets, args.batch_size))
+            return
     except DataError as e:
         sys.exit(f'error: {e}')
+    model, data, config, device = runs[args.run]
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(targets, data.head_items(), data.head_users())

@@ -9,6 +9,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -421,10 +425,6 @@ def tiny_emb(tiny, tmp_path_factory):
 
 
 def test_sigkill_then_resume_ends_at_the_same_metrics(tmp_path, tiny, tiny_emb):
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ['--data', tiny.folder, '--emb', tiny_emb, '--method', 'llmesr', '--max-len', '10', '--d', '16',
             '--batch-size', '8', '--lr', '0.01', '--epochs', '40', '--patience', '40', '--n-similar', '3',
             '--log-every', '1000', '--threads', '1']
@@ -623,10 +623,6 @@ def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, m
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--batch-size', '4',
             '--epochs', '40', '--patience', '40', '--n-similar', '3', '--log-every', '1000', '--threads', '1']
     train.main(args + ['--out', str(tmp_path / 'whole')])
@@ -640,3 +636,57 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
     assert torch.load(run / 'last.pt', weights_only=False)['state']['next_batch'] > 0
     train.main(args + ['--out', str(run), '--resume'])
     assert json.load(open(run / 'results.json'))['test'] == json.load(open(tmp_path / 'whole' / 'results.json'))['test']
+
+
+# ---------------------------------------------------------------------------------------------
+# looking at a model: --show and --plot
+
+
+@pytest.fixture(scope='module')
+def tiny_runs(tiny, tiny_emb, tmp_path_factory):
+    root = tmp_path_factory.mktemp('runs')
+    for method in ('base', 'llmesr'):
+        train.main(['--data', tiny.folder, '--emb', tiny_emb, '--method', method, '--max-len', '10', '--d', '16',
+                    '--lr', '0.01', '--epochs', '3', '--n-similar', '3', '--log-every', '1000', '--out', str(root / method)])
+    return str(root / 'base'), str(root / 'llmesr')
+
+
+def test_bucket_metrics_add_up_to_overall():
+    rng = np.random.default_rng(0)
+    pop = rng.integers(0, 50, 41)
+    targets, ranks = rng.integers(1, 41, 500), rng.integers(0, 40, 500)
+    bucket = evaluation.popularity_buckets(pop, 5)
+    assert np.bincount(bucket[1:]).tolist() == [8] * 5 and pop[bucket == 0].min() >= pop[1:][bucket[1:] == 4].max()
+    per = evaluation.bucket_metrics(ranks, targets, bucket, 5)
+    overall = evaluation.metrics(ranks, [10])
+    for metric in ('HR@10', 'NDCG@10'):
+        weighted = sum(m['users'] * m[metric] for m in per if m['users']) / sum(m['users'] for m in per)
+        assert math.isclose(weighted, overall[metric])
+
+
+def test_top_k_shown_is_the_ranking_the_evaluation_scored(tiny, tiny_runs):
+    model, d, config, device = train.load_run(tiny_runs[1])
+    inputs, targets = d.padded(1, config['max_len']), d.target(1)
+    items, scores = evaluation.recommend(model, inputs, 10, 7, device)
+    saved = np.load(os.path.join(tiny_runs[1], 'test_ranks.npz'))['full']
+    for u in range(d.n_users):
+        if saved[u] < 10:
+            assert items[u, saved[u]] == targets[u]
+        else:
+            assert targets[u] not in items[u]
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_show_prints_both_runs_and_unknown_user_fails(tiny, tiny_runs, capsys):
+    evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--show', 'tail', '--seed', '1'])
+    out = capsys.readouterr().out
+    assert 'history, oldest first' in out and 'test target:' in out and out.count('target rank') == 2
+    with pytest.raises(SystemExit, match=r"--show nobody: no such user .* use --show tail"):
+        evaluation.main(['--run', tiny_runs[0], '--show', 'nobody'])
+
+
+def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
+        evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--plot', str(tmp_path / 'p.png')])
+    assert not (tmp_path / 'p.png').exists()
