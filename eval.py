@@ -28,9 +28,9 @@ def batches_by_length(inputs, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def trim(rows):
-    """(B, L) left-padded ids -> (B, L') without the columns that are padding in every row."""
-    longest = max(int((rows != 0).sum(1).max()), 1)
+def trim(rows, least=1):
+    """(B, L) left-padded ids -> (B, L') without the columns that are padding in every row (L' >= least)."""
+    longest = max(int((rows != 0).sum(1).max()), least)
     return rows[:, -longest:]
 
 

@@ -338,7 +338,9 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb)
     # the official per-step teachers run too, and so does the plain baseline
     train.main(args + ['--method', 'llmesr', '--teacher', 'live', '--epochs', '1', '--out', str(tmp_path / 'live')])
     train.main(args + ['--method', 'base', '--epochs', '1', '--out', str(tmp_path / 'base')])
-    assert os.path.exists(tmp_path / 'live' / 'results.json') and os.path.exists(tmp_path / 'base' / 'results.json')
+    train.main(args + ['--method', 'base', '--loss', 'ce', '--epochs', '1', '--out', str(tmp_path / 'ce')])
+    for run in ('live', 'base', 'ce'):
+        assert os.path.exists(tmp_path / run / 'results.json')
 
 
 def test_tiny_model_overfits_one_batch(tiny):

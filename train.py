@@ -33,7 +33,7 @@ import torch
 
 from data import DataError, load_processed, sha256_json, write_json_atomic
 from embed import load_embeddings
-from eval import evaluate, group_masks, markdown_table, user_vectors
+from eval import evaluate, group_masks, markdown_table, trim, user_vectors
 from model import ModelConfig, Recommender, similar_users
 
 
@@ -235,7 +235,7 @@ def train(args):
         state.setdefault('loss_sum', 0.0)
         for b in range(state['next_batch'], n_batches):
             idx = state['perm'][b * args.batch_size:(b + 1) * args.batch_size]
-            rows = torch.from_numpy(trim_rows(train_rows[idx]))
+            rows = torch.from_numpy(trim(train_rows[idx], least=2))  # (B, L' + 1) input and targets
             neg = sample_negatives(rows, data.n_items, neg_gen)
             teacher = None
             if distill:
@@ -295,19 +295,13 @@ def train(args):
     test(args, config, data, model, state, device, commit)
 
 
-def trim_rows(rows):
-    """(B, L + 1) left-padded -> the columns from the longest sequence on (at least 2)."""
-    longest = max(int((rows != 0).sum(1).max()), 2)
-    return rows[:, -longest:]
-
-
 @torch.no_grad()
 def teacher_for(model, similar, table, train_rows, device):
     """(B, N) similar users -> (B, D) teacher: the mean of their representations, no gradient."""
     if table is not None:
         return table[torch.as_tensor(similar)].mean(1).to(device)
     B, N = similar.shape
-    rows = torch.from_numpy(trim_rows(train_rows[similar.reshape(-1).numpy()])[:, :-1]).to(device)
+    rows = torch.from_numpy(trim(train_rows[similar.reshape(-1).numpy()], least=2)[:, :-1]).to(device)
     return model.user_vectors(rows).view(B, N, -1).mean(1)
 
 
