@@ -13,6 +13,7 @@ the user's Pareto group (data.py computes both from training interactions only).
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -113,20 +114,65 @@ def markdown_table(results, ks, title=''):
     return '\n'.join(lines).lstrip('\n') + '\n'
 
 
+# settings that make a variant; runs that differ in nothing else are seeds of one variant
+ABLATIONS = {'no_semantic': 'w/o semantic view', 'no_collaborative': 'w/o collaborative view', 'no_cross': 'w/o cross-attention',
+             'split_encoder': 'w/o shared encoder', 'random_init': 'random init'}
+
+
+def variant(config):
+    """A readable name of what a run trained: method, backbone and every setting off its default."""
+    tags = [text for key, text in ABLATIONS.items() if config.get(key)]
+    if config['method'] == 'llmesr':
+        tags += ['w/o self-distillation'] if config['alpha'] == 0 else []
+        tags += ['one-layer adapter'] if config['adapter_layers'] == 1 else []
+        tags += [f'{config["teacher"]} teachers'] if config['teacher'] != 'table' else []
+    tags += [f'{config["loss"]} loss'] if config['loss'] != 'bce' else []
+    return f'{config["method"]} ({config["backbone"]})' + ''.join(f', {t}' for t in tags)
+
+
+def mean_std(values):
+    """(mean, sample standard deviation); the deviation is 0 for one value."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def report(paths, k=10):
-    """Markdown: one row per results.json and protocol, HR@k and NDCG@k for every group."""
-    head = '| run | protocol | ' + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | epochs | s/epoch | commit |'
-    lines = [head, '|---|---|' + '---:|' * (2 * len(GROUPS) + 2) + '---|']
+    """Markdown: per variant and protocol, HR@k and NDCG@k of every group as mean ± std over seeds."""
+    runs = {}
     for path in paths:
         res = json.load(open(path))
-        c = res['config']
-        name = f'{c["method"]} ({c["backbone"]}), seed {c["seed"]}'
+        runs.setdefault(variant(res['config']), []).append(res)
+    head = '| variant | seeds | protocol | ' + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |'
+    lines = [head, '|---|---:|---|' + '---:|' * (2 * len(GROUPS) + 1) + '---|']
+    for name, results in runs.items():
+        seeds = ', '.join(str(r['config']['seed']) for r in results)
+        commits = ', '.join(sorted({(r.get('commit') or '?')[:7] for r in results}))
+        seconds = np.median([s for r in results for s in r['epoch_seconds']])
         for protocol in ('full', 'sampled'):
-            cells = ' | '.join(f'{res["test"][protocol][g][f"HR@{k}"]:.4f} | {res["test"][protocol][g][f"NDCG@{k}"]:.4f}'
-                               for g in GROUPS)
-            lines.append(f'| {name} | {protocol} | {cells} | {res["epochs_run"]} (best {res["best_epoch"]}) '
-                         f'| {np.median(res["epoch_seconds"]):.1f} | {(res.get("commit") or "?")[:7]} |')
+            cells = []
+            for g in GROUPS:
+                for metric in (f'HR@{k}', f'NDCG@{k}'):
+                    m, sd = mean_std([r['test'][protocol][g][metric] for r in results])
+                    cells.append(f'{m:.4f} ± {sd:.4f}' if len(results) > 1 else f'{m:.4f}')
+            lines.append(f'| {name} | {seeds} | {protocol} | {" | ".join(cells)} | {seconds:.1f} | {commits} |')
     return '\n'.join(lines) + '\n'
+
+
+def user_ndcg(run_folders, k=10):
+    """(U,) each user's test NDCG@k under full ranking, averaged over the runs (seeds) given."""
+    ranks = np.stack([np.load(os.path.join(f, 'test_ranks.npz'))['full'] for f in run_folders])  # (S, U)
+    return ((ranks < k) / np.log2(ranks + 2)).mean(0)
+
+
+def paired_test(a, b):
+    """Paired comparison of per-user scores a and b (U,): mean difference, t statistic, two-sided p.
+
+    With thousands of users the t statistic is close to normal, so p uses the normal tail.
+    """
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return {'users': len(d), 'mean_a': float(np.mean(a)), 'mean_b': float(np.mean(b)), 'mean_difference': float(d.mean()),
+            't': float(t), 'p_two_sided': math.erfc(abs(t) / math.sqrt(2))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +304,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', help='run folder written by train.py')
     p.add_argument('--compare', nargs='+', default=[], metavar='RUN', help='more run folders for --show and --plot')
-    p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files and stop')
+    p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files, mean ± std over seeds, and stop')
+    p.add_argument('--paired', nargs=2, metavar=('RUNS_A', 'RUNS_B'), help='paired test over users of test NDCG@10 (full ranking) '
+                   'between two comma-separated lists of run folders (seeds averaged per user), and stop')
     p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
     p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
     p.add_argument('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
@@ -270,6 +318,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.report:
         print(report(args.report, args.ks[0]))
+        return
+    if args.paired:
+        a, b = (side.split(',') for side in args.paired)
+        print(json.dumps(paired_test(user_ndcg(a, args.ks[0]), user_ndcg(b, args.ks[0])), indent=1))
         return
     if not args.run:
         p.error('give --run or --report')

@@ -692,3 +692,32 @@ def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, 
     with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
         evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--plot', str(tmp_path / 'p.png')])
     assert not (tmp_path / 'p.png').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the multi-seed report and the paired test
+
+
+def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp_path):
+    def fake_run(folder, seed, hr, ranks, **config):
+        os.makedirs(folder)
+        test = {p: {g: {'HR@10': hr, 'NDCG@10': hr / 2, 'users': 4} for g in evaluation.GROUPS} for p in ('full', 'sampled')}
+        base = {'method': 'llmesr', 'backbone': 'sasrec', 'seed': seed, 'loss': 'bce', 'alpha': 0.1, 'adapter_layers': 2,
+                'teacher': 'table', 'no_cross': False}
+        json.dump({'test': test, 'config': {**base, **config}, 'epoch_seconds': [1.0], 'commit': 'abc1234'},
+                  open(f'{folder}/results.json', 'w'))
+        np.savez(f'{folder}/test_ranks.npz', full=np.array(ranks), sampled=np.array(ranks))
+    fake_run(tmp_path / 'a1', 1, 0.2, [0, 3, 20, 1])
+    fake_run(tmp_path / 'a2', 2, 0.4, [0, 1, 20, 5])
+    fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)
+    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1')])
+    assert f'| llmesr (sasrec) | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
+    assert '| llmesr (sasrec), w/o cross-attention | 1 | full | 0.1000 | 0.0500 |' in table
+    a = evaluation.user_ndcg([str(tmp_path / 'a1'), str(tmp_path / 'a2')])
+    assert math.isclose(a[1], (1 / math.log2(5) + 1 / math.log2(3)) / 2)
+    b = np.array([0.1, 0.5, 0.3, 0.2])
+    got = evaluation.paired_test(a, b)
+    from scipy import stats
+    ref = stats.ttest_rel(a, b)
+    assert math.isclose(got['t'], ref.statistic, rel_tol=1e-9)
+    assert math.isclose(got['p_two_sided'], 2 * stats.norm.sf(abs(ref.statistic)), rel_tol=1e-9)
