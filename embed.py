@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, load_processed, read_json, replace_dir, sha256_file, sha256_json, write_json_atomic
+from model import pick_device
 
 EMBED_VERSION = 1
 
@@ -166,8 +167,7 @@ def main(argv=None):
 
 
 def build(args):
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = pick_device(args.device)
     data = load_processed(args.data)
     item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
     user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]

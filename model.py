@@ -40,6 +40,13 @@ class ModelConfig:
     loss: str = 'bce'             # 'bce': one sampled negative per position (official), 'ce': all items
 
 
+def pick_device(name):
+    """'auto' -> CUDA when there is one, else the CPU; any other name as torch spells it."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # hand-written pieces: PCA, retrieval, attention
 

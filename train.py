@@ -34,7 +34,7 @@ import torch
 from data import DataError, load_processed, sha256_json, write_json_atomic
 from embed import load_embeddings
 from eval import evaluate, group_masks, markdown_table, trim, user_vectors
-from model import ModelConfig, Recommender, similar_users
+from model import ModelConfig, Recommender, pick_device, similar_users
 
 
 class TrainingError(Exception):
@@ -91,12 +91,6 @@ def model_config(config, n_items):
                        cross=not config['no_cross'], shared_encoder=not config['split_encoder'],
                        pca_init=not config['random_init'], adapter_layers=config['adapter_layers'],
                        loss=config['loss'])
-
-
-def pick_device(name):
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(name)
 
 
 def build(config, device):
