@@ -298,6 +298,41 @@ def plot_runs(runs, path, n_buckets, batch_size, k=10):
     return text
 
 
+class OneView(torch.nn.Module):
+    """The half of a two-view model's user and item vectors that belongs to one view, as a model."""
+
+    def __init__(self, model, part):
+        super().__init__()
+        self.model, self.part = model, part
+        with torch.no_grad():
+            self.table = model.item_table()                        # (n_items + 1, 2d)
+
+    def item_table(self):
+        return self.table[:, self.part]
+
+    def user_vectors(self, seq, table=None):
+        return self.model.user_vectors(seq, self.table)[:, self.part]
+
+
+def view_report(runs, batch_size, k=10):
+    """Text: test HR@k of each run by its whole score and, for two-view runs, by each view's half alone."""
+    lines = [f'| run | scored by | HR@{k} | tail-item HR@{k} | head-item HR@{k} | tail share of top-{k} |', '|---|---|---:|---:|---:|---:|']
+    for name, (model, data, config, device) in runs.items():
+        inputs, targets, head = data.padded(1, config['max_len']), data.target(1), data.head_items()
+        d = config['d']
+        parts = [('whole score', slice(None))]
+        if model.use_co and model.use_sem:
+            parts += [('collaborative half', slice(0, d)), ('semantic half', slice(d, 2 * d))]
+        for label, part in parts:
+            scorer = OneView(model, part)
+            full, _, _ = rank_targets(scorer, inputs, targets, data.eval_negatives, batch_size, device)
+            top, _ = recommend(scorer, inputs, k, batch_size, device)
+            tail = ~head[targets]
+            lines.append(f'| {name} | {label} | {np.mean(full < k):.4f} | {np.mean(full[tail] < k):.4f} | '
+                         f'{np.mean(full[~tail] < k):.4f} | {(~head[top]).mean():.3f} |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     from data import DataError
     from train import load_run
@@ -309,6 +344,7 @@ def main(argv=None):
                    'between two comma-separated lists of run folders (seeds averaged per user), and stop')
     p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
     p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
+    p.add_argument('--views', action='store_true', help="test HR@10 scored by the whole score, and by each view's half alone")
     p.add_argument('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
     p.add_argument('--seed', type=int, default=0, help="seed that picks the user of --show tail")
     p.add_argument('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
@@ -334,6 +370,9 @@ def main(argv=None):
             return
         if args.plot:
             print(plot_runs(runs, args.plot, args.buckets, args.batch_size))
+            return
+        if args.views:
+            print(view_report(runs, args.batch_size))
             return
     except DataError as e:
         sys.exit(f'error: {e}')

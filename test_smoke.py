@@ -687,6 +687,16 @@ def test_show_prints_both_runs_and_unknown_user_fails(tiny, tiny_runs, capsys):
         evaluation.main(['--run', tiny_runs[0], '--show', 'nobody'])
 
 
+def test_view_report_halves_add_up_to_the_whole_score(tiny, tiny_runs, capsys):
+    model, d, config, device = train.load_run(tiny_runs[1])
+    seq = torch.from_numpy(d.padded(1, config['max_len'])[:5])
+    halves = [evaluation.OneView(model, part) for part in (slice(0, 16), slice(16, 32))]
+    whole = model.user_vectors(seq) @ model.item_table().T
+    assert torch.allclose(sum(h.user_vectors(seq) @ h.item_table().T for h in halves), whole, atol=1e-5)
+    evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--views'])
+    assert capsys.readouterr().out.count('half') == 2
+
+
 def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)
     with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
