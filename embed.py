@@ -111,7 +111,8 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
     device = next(model.parameters()).device
     batches = length_sorted_batches(token_lengths(texts, tokenizer, max_length), batch_size)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if out is None else out
-    for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start, total=len(batches)):
+    for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start, total=len(batches),
+                  disable=None):                              # no bar when stderr is not a terminal
         batch = batches[b]
         enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
                         return_tensors='pt')
