@@ -19,7 +19,8 @@ The processed folder (all ids dense: users 0..U-1, items 1..I, 0 is padding):
   items.jsonl           line i: item i + 1 with its raw id, (name, value) attributes and prompt
   users.jsonl           line u: user u with its raw id and the prompt made from training titles
   stats.json            counts, Pareto thresholds, length statistics, what was skipped
-  manifest.json         format version, config, inputs (size, sha256), fingerprint
+  manifest.json         format version, config, inputs (size, sha256), a key that decides reuse
+                        (inputs, config, this file's code) and a fingerprint of the written contents
 The folder is built under a temporary name and renamed into place, so it is whole or absent.
 """
 import argparse
@@ -643,15 +644,18 @@ def build(args):
                                             'eval_negatives', 'seed']}
     inputs = [{'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'sha256': sha256_file(p)}
               for p in (layout.reviews, layout.meta)]
-    fingerprint = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
-                               'inputs': [i['sha256'] for i in inputs]})
+    # `key` decides whether a folder may be reused: same inputs, config and code (this file's source,
+    # so a change in how prompts are rendered rebuilds). `fingerprint` is a hash of what was
+    # written; embeddings and runs check it, so they follow the content, not the code.
+    key = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
+                       'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(os.path.abspath(__file__))})
     manifest_path = os.path.join(args.out, 'manifest.json')
     if not args.force and os.path.exists(manifest_path):
         try:
             old = json.load(open(manifest_path))
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-        if old.get('fingerprint') == fingerprint:
+        if old.get('key') == key:
             s = old['stats']
             print(f'{args.out} is up to date: {s["users"]:,} users, {s["items"]:,} items, '
                   f'{s["interactions"]:,} interactions')
@@ -659,9 +663,11 @@ def build(args):
     args.tmp = f'{args.out.rstrip("/")}.tmp-{os.getpid()}'
     try:
         stats = process(layout, args)
+        outputs = sorted(os.listdir(args.tmp))
+        fingerprint = sha256_json([(name, sha256_file(os.path.join(args.tmp, name))) for name in outputs])
         write_json_atomic(os.path.join(args.tmp, 'manifest.json'), {
-            'format_version': FORMAT_VERSION, 'fingerprint': fingerprint, 'layout': layout.name,
-            'config': config, 'inputs': inputs, 'stats': stats, 'command': ' '.join(sys.argv)})
+            'format_version': FORMAT_VERSION, 'key': key, 'fingerprint': fingerprint, 'layout': layout.name,
+            'config': config, 'inputs': inputs, 'outputs': outputs, 'stats': stats, 'command': ' '.join(sys.argv)})
         replace_dir(args.tmp, args.out)
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)

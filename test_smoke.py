@@ -405,6 +405,12 @@ def test_processed_folder_is_reused_and_embeddings_of_other_data_refused(tmp_pat
     data.main(args)
     data.main(args)
     assert 'is up to date' in capsys.readouterr().out
+    # a folder written by other code (say, another prompt rendering) is rebuilt, not reused
+    manifest = json.load(open(tmp_path / 'p' / 'manifest.json'))
+    data.write_json_atomic(str(tmp_path / 'p' / 'manifest.json'), {**manifest, 'key': 'older code'})
+    data.main(args)
+    assert 'wrote' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'p' / 'manifest.json'))['fingerprint'] == manifest['fingerprint']
     other = data.load_processed(str(tmp_path / 'p'))
     other.fingerprint = 'something else'
     folder = tmp_path / 'emb'
