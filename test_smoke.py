@@ -737,3 +737,22 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
     ref = stats.ttest_rel(a, b)
     assert math.isclose(got['t'], ref.statistic, rel_tol=1e-9)
     assert math.isclose(got['p_two_sided'], 2 * stats.norm.sf(abs(ref.statistic)), rel_tol=1e-9)
+
+
+def test_every_ablation_switch_changes_what_its_name_says():
+    names = lambda m: {n.split('.')[0] for n, _ in m.named_parameters()}  # noqa: E731
+    full = small_model()
+    assert names(full) == {'co_items', 'adapter', 'sem_over_co', 'co_over_sem', 'encoder'}
+    assert names(small_model(semantic=False)) == {'co_items', 'encoder'}
+    assert names(small_model(collaborative=False)) == {'adapter', 'encoder'}
+    assert names(small_model(cross=False)) == {'co_items', 'adapter', 'encoder'}
+    assert names(small_model(shared_encoder=False)) == names(full) | {'encoder2'}
+    assert isinstance(small_model(adapter_layers=1).adapter, torch.nn.Linear)
+    assert not torch.allclose(small_model(pca_init=False).co_items.weight, full.co_items.weight)
+    seq = torch.tensor([[0, 3, 4, 5]])
+    assert small_model(semantic=False).item_table().shape[1] == 8 and full.item_table().shape[1] == 16
+    no_cross = small_model(cross=False)
+    no_cross.load_state_dict(full.state_dict(), strict=False)        # the same weights but the cross-attention
+    assert not torch.allclose(no_cross.user_states(seq), full.user_states(seq))
+    loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
+    assert set(parts) == {'rec'}
