@@ -381,6 +381,14 @@ def sample_negatives(sequences, offsets, n_items, n_neg, seed):
     return out
 
 
+def training_popularity(sequences, offsets, n_items):
+    """(n_items + 1,) training interactions per item (each user's last two items held out); row 0 is padding."""
+    train = np.ones(len(sequences), dtype=bool)
+    train[offsets[1:] - 1] = False
+    train[offsets[1:] - 2] = False
+    return np.bincount(sequences[train], minlength=n_items + 1)
+
+
 def length_stats(lengths):
     return {'mean': float(lengths.mean()), 'median': float(np.median(lengths)), 'min': int(lengths.min()),
             'max': int(lengths.max()), 'p90': float(np.percentile(lengths, 90))}
@@ -457,10 +465,7 @@ def process(layout, args):
 
     # popularity and lengths from the training part only: validation and test would leak
     lengths = np.diff(offsets)
-    train_mask = np.ones(len(items), dtype=bool)
-    train_mask[offsets[1:] - 1] = False
-    train_mask[offsets[1:] - 2] = False
-    item_pop = np.bincount(items[train_mask], minlength=n_items + 1)
+    item_pop = training_popularity(items, offsets, n_items)
     train_len = lengths - 2
     item_threshold = pareto_threshold(item_pop[1:])
     user_threshold = pareto_threshold(train_len)
@@ -516,10 +521,7 @@ class Processed:
 
     def item_popularity(self):
         """(n_items + 1,) training interactions per item; row 0 is padding."""
-        train = np.ones(len(self.sequences), dtype=bool)
-        train[self.offsets[1:] - 1] = False
-        train[self.offsets[1:] - 2] = False
-        return np.bincount(self.sequences[train], minlength=self.n_items + 1)
+        return training_popularity(self.sequences, self.offsets, self.n_items)
 
     def head_items(self):
         """(n_items + 1,) bool: Pareto head items (the most popular 20% by training interactions)."""
@@ -534,8 +536,9 @@ class Processed:
         ends = self.offsets[1:] - cut
         take = np.minimum(ends - self.offsets[:-1], max_len)
         rows = np.repeat(np.arange(self.n_users), take)
-        cols = max_len - np.repeat(take, take) + (np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take))
-        src = np.repeat(ends - take, take) + (np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take))
+        within = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)   # position inside each kept run
+        cols = max_len - np.repeat(take, take) + within
+        src = np.repeat(ends - take, take) + within
         out = np.zeros((self.n_users, max_len), dtype=np.int64)
         out[rows, cols] = self.sequences[src]
         return out
