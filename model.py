@@ -98,15 +98,18 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x, context, allowed):
-        """x (B, L, d) queries, context (B, L, d) keys and values, allowed (B, 1, L, L) bool -> (B, L, d)."""
+    def forward(self, x, context, bias):
+        """x (B, L, d) queries, context (B, L, d) keys and values, bias (B, 1, L, L) -> (B, L, d).
+
+        `bias` is attention_bias(): 0 where a query may attend to a key, -inf where it may not. The
+        (L, L) scores are the large tensors here, so the scale goes on q and the mask is one add.
+        """
         B, L, d = x.shape
         h = self.n_heads
-        q = self.q(x).view(B, L, h, d // h).transpose(1, 2)        # (B, h, L, dh)
+        q = (self.q(x) / math.sqrt(d // h)).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
         k = self.k(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
         v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)       # (B, h, L, L)
-        weights = self.dropout(scores.masked_fill(~allowed, -float('inf')).softmax(-1))
+        weights = self.dropout((q @ k.transpose(-2, -1) + bias).softmax(-1))  # (B, h, L, L)
         return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
 
 
@@ -123,6 +126,12 @@ def attention_mask(seq, causal=True):
     return allowed | torch.eye(L, dtype=torch.bool, device=seq.device)
 
 
+def attention_bias(seq, causal=True):
+    """(B, L) item ids -> (B, 1, L, L) float: 0 where attention_mask() allows, -inf elsewhere."""
+    allowed = attention_mask(seq, causal)
+    return torch.zeros(allowed.shape, device=seq.device).masked_fill_(~allowed, -float('inf'))
+
+
 class Dropout(nn.Module):
     """Inverted dropout from uniform draws.
 
@@ -137,7 +146,8 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
+        keep = torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p), x's dtype
+        return x * keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,10 +168,10 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(d, n_heads, dropout)
         self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), Dropout(dropout), nn.Linear(d, d), Dropout(dropout))
 
-    def forward(self, x, allowed):
-        """(B, L, d), (B, 1, L, L) -> (B, L, d)"""
+    def forward(self, x, bias):
+        """(B, L, d), (B, 1, L, L) attention bias -> (B, L, d)"""
         h = self.ln1(x)
-        x = x + self.attn(h, h, allowed)
+        x = x + self.attn(h, h, bias)
         return x + self.ffn(self.ln2(x))
 
 
@@ -192,11 +202,33 @@ class SeqEncoder(nn.Module):
 
     def forward(self, x, seq):
         """(B, L, d) embedded sequence, (B, L) ids -> (B, L, d)"""
-        allowed = attention_mask(seq)
+        bias = attention_bias(seq)
         keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
         for block in self.blocks:
-            x = block(x, allowed) * keep
+            x = block(x, bias) * keep
         return self.ln(x)
+
+
+def length_groups(lengths, keep=0.75):
+    """(B,) sequence lengths -> index tensors of rows to encode together, longest first.
+
+    The cost of encoding rows together is about rows x L x (L + 64) for their longest length L
+    (attention plus position-wise layers). Split off the longest rows wherever that costs less
+    than `keep` of encoding them with the rest; a batch of similar lengths stays one group.
+    """
+    order = lengths.argsort(descending=True)
+    longest = lengths[order].double() + 1                          # + 1: the padding column kept
+    cost = lambda n, L: n * L * (L + 64)                           # noqa: E731
+    groups = []
+    while len(order) > 1:
+        k = torch.arange(1, len(order))                            # split off the k longest rows
+        apart = cost(k, longest[0]) + cost(len(order) - k, longest[k])
+        if apart.min() > keep * cost(len(order), longest[0]):
+            break
+        best = int(apart.argmin()) + 1
+        groups.append(order[:best])
+        order, longest = order[best:], longest[best:]
+    return groups + [order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,26 +289,53 @@ class Recommender(nn.Module):
         if self.use_co:
             tables.append(self.co_items.weight if ids is None else self.co_items.weight[ids])
         if self.use_sem:
-            tables.append(self.adapter(self.llm_items if ids is None else self.llm_items[ids]))
+            tables.append(self.adapt(self.llm_items if ids is None else self.llm_items[ids]))
         return torch.cat(tables, dim=1)
+
+    def adapt(self, x):
+        """(n, d_llm) LM vectors -> (n, d) through the adapter.
+
+        Its two layers have no nonlinearity between them, so they are applied as their product, one
+        (d, d_llm) matrix: the same function and gradients for a third of the multiply-adds.
+        """
+        if isinstance(self.adapter, nn.Linear):
+            return self.adapter(x)
+        first, second = self.adapter
+        return F.linear(x, second.weight @ first.weight, second.weight @ first.bias + second.bias)
 
     def user_states(self, seq, table=None, rows=None):
         """(B, L) item ids -> (B, L, D): the user state after each position.
 
         `table` defaults to the full item table; `rows` (B, L) are the rows of `table` that hold
-        the items of `seq` (by default `seq` itself).
+        the items of `seq` (by default `seq` itself). Rows of very different lengths are encoded in
+        groups, each cut to its longest sequence plus one padding column: outputs do not depend
+        on padding (see SeqEncoder) and every padding position has the same state, so the result
+        is the same, but one 200-item user no longer makes 127 short ones pay for 200 positions.
         """
         table = self.item_table() if table is None else table
         rows = seq if rows is None else rows
+        groups = length_groups((seq != 0).sum(1))
+        if len(groups) == 1:
+            return self.encode(seq, table, rows)
+        L = seq.shape[1]
+        parts = []
+        for g in groups:
+            cut = min(L, int((seq[g] != 0).sum(1).max()) + 1)
+            states = self.encode(seq[g, -cut:], table, rows[g, -cut:])  # (b, cut, D), column 0 padding if cut < L
+            parts.append(torch.cat([states[:, :1].expand(-1, L - cut, -1), states], dim=1))  # (b, L, D)
+        return torch.cat(parts)[torch.cat(groups).argsort()]
+
+    def encode(self, seq, table, rows):
+        """(B, L) ids, (n, D) table, (B, L) rows of the table -> (B, L, D), all rows at length L."""
         d = self.cfg.d
         views = [self.encoder.embed(table[rows, i * d:(i + 1) * d] * math.sqrt(d), seq)
                  for i in range(table.shape[1] // d)]              # each (B, L, d)
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
-            allowed = attention_mask(seq)
+            bias = attention_bias(seq)
             # as in the official code, each view's new sequence keeps the *other* view's values:
             # semantic queries over collaborative keys/values make the collaborative stream
-            views = [self.sem_over_co(sem, co, allowed), self.co_over_sem(co, sem, allowed)]
+            views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]
         if len(views) == 2 and self.encoder2 is not None:
             return torch.cat([self.encoder(views[0], seq), self.encoder2(views[1], seq)], dim=-1)
         # both views through the one shared encoder in a single batched pass

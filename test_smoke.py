@@ -248,6 +248,28 @@ def test_trimming_padding_changes_no_output():
     assert torch.allclose(full, more[:, 4:], atol=1e-6)
 
 
+@pytest.mark.parametrize('method', ['base', 'llmesr'])
+def test_encoding_rows_in_length_groups_changes_no_output(method):
+    m = small_model(method)
+    torch.manual_seed(1)
+    short = torch.cat([torch.zeros(7, 18, dtype=torch.long), torch.randint(1, 31, (7, 2))], 1)
+    seq = torch.cat([short[:3], torch.arange(1, 21)[None], short[3:]])  # one 20-item user among 2-item ones
+    assert len(M.length_groups((seq != 0).sum(1))) == 2
+    assert len(M.length_groups(torch.tensor([5, 6, 4, 5]))) == 1
+    assert torch.allclose(m.user_states(seq), m.encode(seq, m.item_table(), seq), atol=1e-6)
+
+
+def test_epoch_batches_hold_every_user_once_and_cut_padding():
+    lengths = np.random.default_rng(0).geometric(0.15, 1000)      # skewed, as real sequence lengths
+    padded = {}
+    for pool in (0, 4):
+        batches = train.epoch_batches(lengths, 32, pool, np.random.default_rng(1))
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(1000))
+        assert max(len(b) for b in batches) == 32 and len(batches) == 32
+        padded[pool] = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded[4] < 0.5 * padded[0]
+
+
 def test_pca_initialises_collaborative_table():
     m = small_model()
     reduced = M.pca(m.llm_items[1:], 8)          # PCA is unchanged by the table's rescaling, up to scale

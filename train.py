@@ -3,7 +3,8 @@
     python train.py --data processed/beauty --emb emb/beauty-minilm --method llmesr --out runs/beauty-llmesr
 
 Each user gives one training sequence (every item but the validation and test items, the last
---max-len kept); every position predicts the next item. After each epoch the model is ranked on the
+--max-len kept); every position predicts the next item. Batches hold users of similar lengths
+(--sort-pool; see epoch_batches) and are cut to their longest sequence. After each epoch the model is ranked on the
 validation items (full ranking, NDCG@10 decides early stopping) and `last.pt` is written; the best
 epoch is kept in `best.pt`. At the end the best checkpoint is evaluated on test and the run folder
 gets results.json, results.md and test_ranks.npz (each user's 0-based target rank, both protocols).
@@ -57,6 +58,8 @@ def get_args(argv=None):
     p.add_argument('--dropout', type=float, default=0.5, help='dropout rate')
     p.add_argument('--loss', default='bce', choices=['bce', 'ce'], help='bce: one sampled negative per position; ce: all items')
     p.add_argument('--batch-size', type=int, default=128, help='users per training step')
+    p.add_argument('--sort-pool', type=int, default=50,
+                   help='batches per pool of shuffled users sorted by length (0: uniformly random batches, as the official code)')
     p.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate')
     p.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (official l2: 0)')
     p.add_argument('--clip', type=float, default=0.0, help='clip the gradient norm to this (0: off)')
@@ -147,14 +150,39 @@ def set_rng_state(state, np_rng, neg_gen):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def epoch_batches(lengths, batch_size, pool, rng):
+    """One epoch's batches (a list of user-index arrays); every user once.
+
+    Departure: the official code draws uniformly random batches. Beauty's training sequences
+    average 5.7 items, but the longest of 128 random users averages 44, so 87% of a random batch
+    (cut to its longest sequence) is padding. Here users are shuffled, sorted by length within
+    pools of `pool` batches, cut into batches, and the batches shuffled: about 10% padding at
+    pool 50, seven times fewer positions. pool 0 gives the official uniform batches.
+    """
+    perm = rng.permutation(len(lengths))
+    if pool == 0:
+        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    batches = []
+    for start in range(0, len(perm), pool * batch_size):
+        chunk = perm[start:start + pool * batch_size]
+        chunk = chunk[np.argsort(lengths[chunk], kind='stable')]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def sample_negatives(rows, n_items, gen):
-    """(B, L) one uniform negative per position, never an item of the user's window `rows`."""
-    neg = torch.randint(1, n_items + 1, rows[:, 1:].shape, generator=gen)
+    """(B, L + 1) windows -> (B, L): one uniform negative per target, never an item of the user's
+    window; 0 where the target is padding (so padding never sends items through the adapter)."""
+    valid = rows[:, 1:] != 0                                       # (B, L)
+    neg = torch.zeros(valid.shape, dtype=rows.dtype)
+    owners = valid.nonzero()[:, 0]                                 # (N,) the row of each target
+    draw = torch.randint(1, n_items + 1, (len(owners),), generator=gen)
     for _ in range(100):
-        clash = (neg[:, :, None] == rows[:, None, :]).any(-1)      # (B, L - 1)
+        clash = (draw[:, None] == rows[owners]).any(-1)            # (N,)
         if not clash.any():
             break
-        neg[clash] = torch.randint(1, n_items + 1, (int(clash.sum()),), generator=gen)
+        draw[clash] = torch.randint(1, n_items + 1, (int(clash.sum()),), generator=gen)
+    neg[valid] = draw
     return neg
 
 
@@ -190,7 +218,7 @@ def train(args):
     head_items, head_users = data.head_items(), data.head_users()
     valid_groups = group_masks(valid_t, head_items, head_users)
 
-    state = {'epoch': 0, 'next_batch': 0, 'perm': None, 'teacher': None, 'best': -1.0, 'best_epoch': -1,
+    state = {'epoch': 0, 'next_batch': 0, 'batches': None, 'teacher': None, 'best': -1.0, 'best_epoch': -1,
              'bad_epochs': 0, 'step': 0, 'epoch_seconds': [], 'history': []}
     if args.resume:
         if not os.path.exists(last_path):
@@ -215,20 +243,21 @@ def train(args):
 
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    n_batches = (data.n_users + args.batch_size - 1) // args.batch_size
+    lengths = (train_rows != 0).sum(1)                             # (U,) items per training window
     while state['epoch'] < args.epochs and state['bad_epochs'] < args.patience:
         epoch = state['epoch']
         started = time.time()
         if state['next_batch'] == 0:
-            state['perm'] = np_rng.permutation(data.n_users)
+            state['batches'] = epoch_batches(lengths, args.batch_size, args.sort_pool, np_rng)
             state['seconds'] = 0.0
             if distill and args.teacher == 'table' and state['teacher'] is None:
                 state['teacher'] = user_vectors(model, valid_in, args.eval_batch, device)  # (U, D), first epoch only
         model.train()
         tick, seen = time.time(), 0
         state.setdefault('loss_sum', 0.0)
+        n_batches = len(state['batches'])
         for b in range(state['next_batch'], n_batches):
-            idx = state['perm'][b * args.batch_size:(b + 1) * args.batch_size]
+            idx = state['batches'][b]
             rows = torch.from_numpy(trim(train_rows[idx], least=2))  # (B, L' + 1) input and targets
             neg = sample_negatives(rows, data.n_items, neg_gen)
             teacher = None
