@@ -1,8 +1,14 @@
-"""SASRec and LLM-ESR: one sequence encoder, one or two views of the items.
+"""SASRec, GRU4Rec, BERT4Rec and LLM-ESR over them: one sequence encoder, one or two views of the items.
 
 Tensors in, tensors out: this file never opens a file.
 
-  base     SASRec (Kang & McAuley 2018) with one trainable item table.
+Backbones (ModelConfig.kind), switches of the one SeqEncoder:
+  sasrec    causal self-attention (Kang & McAuley 2018)
+  bert4rec  bidirectional self-attention, trained to fill masked items (Sun et al. 2019)
+  gru4rec   one GRU layer (Hidasi et al. 2016)
+
+Methods (ModelConfig.method), each over any backbone:
+  base     the backbone with one trainable item table.
   llminit  the same, its item table initialised by PCA of the language-model item table.
   llmesr   LLM-ESR (Liu et al., NeurIPS 2024): a semantic view (the frozen LM item table through a
            trainable adapter) and a collaborative view (a trainable table initialised by PCA of the
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 class ModelConfig:
     n_items: int
     method: str = 'llmesr'        # 'base' | 'llminit' | 'llmesr'
+    kind: str = 'sasrec'          # backbone: 'sasrec' | 'gru4rec' | 'bert4rec'
     d: int = 64                   # hidden size of each view
     max_len: int = 200            # longest input; also the size of the position table
     n_layers: int = 2
@@ -176,7 +183,12 @@ class Block(nn.Module):
 
 
 class SeqEncoder(nn.Module):
-    """SASRec's encoder: position embedding, causal self-attention blocks, final LayerNorm.
+    """The sequence encoder of every backbone (cfg.kind).
+
+      sasrec    position embedding, causal self-attention blocks, final LayerNorm
+      bert4rec  the same without the causal mask: every position sees the whole sequence
+      gru4rec   one bias-free GRU layer over the item embeddings, no positions, no dropout
+                (as the official GRU4Rec)
 
     Departure: the official LLM-ESR SASRec masks only padding, so position t attends to position
     t + 1, whose item is t's training target. This encoder is causal.
@@ -184,26 +196,39 @@ class SeqEncoder(nn.Module):
     Positions count back from the most recent item (0 = newest). With left padding this is what
     the official absolute positions amount to at the full length, and it makes the output
     independent of how much padding a batch carries, so batches can be cut to their longest
-    sequence.
+    sequence. The GRU gets zero inputs at padding, which keep a bias-free GRU's state at exactly
+    zero, so it is independent of padding too.
     """
 
     def __init__(self, cfg):
         super().__init__()
+        self.kind = cfg.kind
+        if cfg.kind == 'gru4rec':
+            self.gru = nn.GRU(cfg.d, cfg.d, num_layers=1, bias=False, batch_first=True)
+            return
         self.pos = nn.Embedding(cfg.max_len, cfg.d)
         self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln = nn.LayerNorm(cfg.d)
 
     def embed(self, x, seq):
-        """Add positions to scaled item embeddings: (B, L, d), (B, L) -> (B, L, d)."""
-        L = seq.shape[1]
+        """Item embeddings to encoder inputs, 0 at padding: (B, L, d), (B, L) -> (B, L, d).
+
+        The transformers scale items by sqrt(d) and add positions; the GRU takes them as they are.
+        """
+        keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
+        if self.kind == 'gru4rec':
+            return x * keep
+        L, d = x.shape[1:]
         positions = torch.arange(L - 1, -1, -1, device=seq.device)  # (L,) newest = 0
-        return self.dropout(x + self.pos(positions)) * (seq != 0).unsqueeze(-1)
+        return self.dropout(x * math.sqrt(d) + self.pos(positions)) * keep
 
     def forward(self, x, seq):
         """(B, L, d) embedded sequence, (B, L) ids -> (B, L, d)"""
-        bias = attention_bias(seq)
         keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
+        if self.kind == 'gru4rec':
+            return self.gru(x * keep)[0]                           # LLM-ESR's cross-attention leaves padding non-zero
+        bias = attention_bias(seq, causal=self.kind == 'sasrec')
         for block in self.blocks:
             x = block(x, bias) * keep
         return self.ln(x)
@@ -236,10 +261,13 @@ def length_groups(lengths, keep=0.75):
 
 
 class Recommender(nn.Module):
-    """base / llminit / llmesr over one shared SeqEncoder.
+    """base / llminit / llmesr over one shared SeqEncoder of any kind.
 
-    forward(seq, pos, neg, teacher=None) -> (loss, parts). seq, pos, neg are (B, L) item ids
-    (pos[t] is the item after seq[t]); teacher is (B, D) or None, D = d per view.
+    forward(seq, pos, neg, teacher=None) -> (loss, parts). seq, pos, neg are (B, L) item ids:
+    the input, the item each position must score (0: none) and a negative for it; teacher is
+    (B', D) or None, D = d per view. Which positions get targets is the training task, set by
+    train.py per backbone. BERT4Rec inputs may hold the mask token, id n_items + 1, which has a
+    trainable row in each view (the semantic view's in the LM space, before the adapter).
     """
 
     def __init__(self, cfg, llm_items=None):
@@ -253,22 +281,27 @@ class Recommender(nn.Module):
         if cfg.method != 'base' and llm_items is None:
             raise ValueError(f'method {cfg.method} needs the language-model item table')
         pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
+        self.mask_id = cfg.n_items + 1 if cfg.kind == 'bert4rec' else None
+        rows = cfg.n_items + 1 + (self.mask_id is not None)         # padding, items, the mask token
 
         # Departure: every item table starts at the scale of SASRec's xavier-initialised table (the
         # PCA output and the LM table rescaled, their geometry kept). Unscaled MiniLM tables start
         # ~15x larger, saturate the BCE logits and overfit within two epochs on Beauty.
         std = math.sqrt(2 / (cfg.n_items + 1 + cfg.d))               # xavier-normal std of the table
         if self.use_co:
-            self.co_items = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
+            self.co_items = nn.Embedding(rows, cfg.d, padding_idx=0)
             if cfg.method == 'llminit' or (llm and cfg.pca_init):
                 reduced = pca(torch.as_tensor(llm_items), cfg.d)
-                self.co_items.weight.data.copy_(pad(reduced * (std / reduced.std().clamp(min=1e-12))))
+                self.co_items.weight.data[:cfg.n_items + 1] = pad(reduced * (std / reduced.std().clamp(min=1e-12)))
+                self.co_items.weight.data[cfg.n_items + 1:].normal_(0, std)  # the mask token, if any
             else:
                 nn.init.xavier_normal_(self.co_items.weight.data[1:])
         if self.use_sem:
             table = torch.as_tensor(llm_items).float()
             self.register_buffer('llm_items', pad(table * (std / table.std().clamp(min=1e-12))), persistent=False)
             d_llm = self.llm_items.shape[1]
+            if self.mask_id is not None:
+                self.llm_mask = nn.Parameter(torch.randn(d_llm) * std)  # (d_llm,) the mask token's LM vector
             # the official adapter has no nonlinearity between its two layers; neither has this one
             self.adapter = (nn.Sequential(nn.Linear(d_llm, d_llm // 2), nn.Linear(d_llm // 2, cfg.d))
                             if cfg.adapter_layers == 2 else nn.Linear(d_llm, cfg.d))
@@ -284,12 +317,18 @@ class Recommender(nn.Module):
                 nn.init.xavier_normal_(p)
 
     def item_table(self, ids=None):
-        """(n_items + 1, D), or (len(ids), D) for 1-D `ids`: item vectors, the views concatenated (D = d or 2d)."""
+        """(n_items + 1, D), or (len(ids), D) for 1-D `ids`: item vectors, the views concatenated (D = d or 2d).
+
+        The full table (padding and items) is what items are ranked by; `ids` may also name the
+        mask token.
+        """
+        n = self.cfg.n_items + 1
         tables = []
         if self.use_co:
-            tables.append(self.co_items.weight if ids is None else self.co_items.weight[ids])
+            tables.append(self.co_items.weight[:n] if ids is None else self.co_items.weight[ids])
         if self.use_sem:
-            tables.append(self.adapt(self.llm_items if ids is None else self.llm_items[ids]))
+            llm = self.llm_items if self.mask_id is None else torch.cat([self.llm_items, self.llm_mask[None]])
+            tables.append(self.adapt(llm[:n] if ids is None else llm[ids]))
         return torch.cat(tables, dim=1)
 
     def adapt(self, x):
@@ -328,7 +367,7 @@ class Recommender(nn.Module):
     def encode(self, seq, table, rows):
         """(B, L) ids, (n, D) table, (B, L) rows of the table -> (B, L, D), all rows at length L."""
         d = self.cfg.d
-        views = [self.encoder.embed(table[rows, i * d:(i + 1) * d] * math.sqrt(d), seq)
+        views = [self.encoder.embed(table[rows, i * d:(i + 1) * d], seq)
                  for i in range(table.shape[1] // d)]              # each (B, L, d)
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
@@ -343,8 +382,21 @@ class Recommender(nn.Module):
         return torch.cat(out.chunk(len(views), dim=0), dim=-1)     # (B, L, V * d)
 
     def user_vectors(self, seq, table=None):
-        """(B, L) -> (B, D): the state after the most recent item, which scores the next one."""
-        return self.user_states(seq, table)[:, -1]
+        """(B, L) -> (B, D): the state that scores the next item.
+
+        SASRec and GRU4Rec: the state after the most recent item. BERT4Rec: the state at a mask
+        token appended after it (the oldest column dropped, so the input stays within max_len).
+        """
+        table = self.item_table() if table is None else table      # (n_items + 1, D)
+        if self.mask_id is not None:
+            seq = torch.cat([seq, torch.full_like(seq[:, :1], self.mask_id)], 1)[:, -self.cfg.max_len:]
+        return self.user_states(seq, self.with_mask(table))[:, -1]
+
+    def with_mask(self, table):
+        """(n_items + 1, D) ranking table -> the table inputs are looked up in: BERT4Rec adds the mask token's row."""
+        if self.mask_id is None:
+            return table
+        return torch.cat([table, self.item_table(torch.tensor([self.mask_id], device=table.device))])
 
     def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
         """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
@@ -355,7 +407,7 @@ class Recommender(nn.Module):
         valid = pos != 0
         if self.cfg.loss == 'ce':
             table = self.item_table()
-            states = self.user_states(seq, table)                  # (B, L, D)
+            states = self.user_states(seq, self.with_mask(table))  # (B, L, D)
             logits = states[valid] @ table[1:].T                   # (N, n_items)
             rec = F.cross_entropy(logits, pos[valid] - 1)
         else:
@@ -370,7 +422,8 @@ class Recommender(nn.Module):
         parts = {'rec': rec.detach()}
         loss = rec
         if teacher is not None:
-            distill = F.mse_loss(states[:, -1], teacher)           # teacher (B, D), no gradient
+            # teacher (B', D), no gradient, for the first B' rows (BERT4Rec: the rows whose newest item is masked)
+            distill = F.mse_loss(states[:len(teacher), -1], teacher)
             parts['distill'] = distill.detach()
             loss = loss + alpha * distill
         return loss, parts

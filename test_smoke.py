@@ -240,17 +240,65 @@ def test_causal_later_items_do_not_change_earlier_outputs(method):
     assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) and not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-def test_trimming_padding_changes_no_output():
-    m = small_model()
+@pytest.mark.parametrize('method', ['base', 'llmesr'])
+def test_bert4rec_sees_later_items_while_sasrec_and_gru4rec_do_not(method):
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7]])
+    changed = seq.clone()
+    changed[0, 5:] = torch.tensor([9, 10])
+    for kind, bidirectional in [('sasrec', False), ('gru4rec', False), ('bert4rec', True)]:
+        m = small_model(method, kind=kind)
+        a, b = m.user_states(seq), m.user_states(changed)
+        assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
+        assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_bert4rec_scores_at_an_appended_mask_token():
+    m = small_model(kind='bert4rec')
+    seq = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
+    assert m.item_table().shape[0] == 31 and m.with_mask(m.item_table()).shape[0] == 32
+    got = m.user_vectors(seq)
+    assert torch.allclose(got, m.user_states(torch.cat([seq, torch.full((2, 1), m.mask_id)], 1),
+                                             m.with_mask(m.item_table()))[:, -1], atol=1e-6)
+    assert not torch.allclose(got, m.user_states(seq)[:, -1])
+
+
+def test_training_batches_per_backbone():
+    rows = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 7, 8, 9, 10]])
+    gen = torch.Generator().manual_seed(0)
+    seq, pos, neg = train.training_batch(rows, 'sasrec', 30, 0.6, 20, gen)
+    assert torch.equal(seq, rows[:, :-1]) and torch.equal(pos, rows[:, 1:])
+    assert torch.equal(neg != 0, pos != 0) and not ((neg[:, :, None] == rows[:, None, :]) & (rows != 0)[:, None]).any()
+    seq, pos, neg = train.training_batch(rows, 'gru4rec', 30, 0.6, 20, gen)
+    assert torch.equal(pos[:, -1], rows[:, -1]) and not pos[:, :-1].any() and torch.equal(neg != 0, pos != 0)
+    seq, pos, neg = train.training_batch(rows, 'bert4rec', 30, 0.6, 4, gen)
+    assert seq.shape == (6, 4)                                     # two rows per user, cut to max_len
+    assert torch.equal(seq[:3, -1], torch.full((3,), 31)) and torch.equal(pos[:3, -1], rows[:, -1])
+    assert not pos[:3, :-1].any()
+    cloze, targets = seq[3:], pos[3:]
+    assert torch.equal(targets[targets != 0], rows[:, 1:][targets != 0])       # targets are the masked items
+    assert torch.equal(cloze[targets == 0], rows[:, 1:][targets == 0])         # the rest is unchanged
+    assert torch.equal(neg != 0, pos != 0)
+    # over many windows, about mask_prob of the items are targets and 80% of those the mask token
+    many = torch.randint(1, 30, (2000, 11))
+    seq, pos, _ = train.training_batch(many, 'bert4rec', 30, 0.6, 10, gen)
+    chosen = pos[2000:] != 0
+    assert abs(chosen.float().mean().item() - 0.6) < 0.01
+    assert abs((seq[2000:][chosen] == 31).float().mean().item() - 0.8) < 0.01
+
+
+@pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
+def test_trimming_padding_changes_no_output(kind):
+    m = small_model(kind=kind)
     seq = torch.tensor([[0, 0, 0, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
     full = m.user_states(seq)
     more = m.user_states(torch.cat([torch.zeros(2, 4, dtype=torch.long), seq], 1))
     assert torch.allclose(full, more[:, 4:], atol=1e-6)
 
 
+@pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
 @pytest.mark.parametrize('method', ['base', 'llmesr'])
-def test_encoding_rows_in_length_groups_changes_no_output(method):
-    m = small_model(method)
+def test_encoding_rows_in_length_groups_changes_no_output(method, kind):
+    m = small_model(method, kind=kind)
     torch.manual_seed(1)
     short = torch.cat([torch.zeros(7, 18, dtype=torch.long), torch.randint(1, 31, (7, 2))], 1)
     seq = torch.cat([short[:3], torch.arange(1, 21)[None], short[3:]])  # one 20-item user among 2-item ones
@@ -361,20 +409,27 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb)
     train.main(args + ['--method', 'llmesr', '--teacher', 'live', '--epochs', '1', '--out', str(tmp_path / 'live')])
     train.main(args + ['--method', 'base', '--epochs', '1', '--out', str(tmp_path / 'base')])
     train.main(args + ['--method', 'base', '--loss', 'ce', '--epochs', '1', '--out', str(tmp_path / 'ce')])
-    for run in ('live', 'base', 'ce'):
+    runs = ['live', 'base', 'ce']
+    for backbone in ('gru4rec', 'bert4rec'):                       # LLM-ESR and its teachers on every backbone
+        for teacher in ('table', 'live'):
+            runs.append(f'{backbone}-{teacher}')
+            train.main(args + ['--method', 'llmesr', '--backbone', backbone, '--teacher', teacher, '--epochs', '1',
+                               '--out', str(tmp_path / runs[-1])])
+    for run in runs:
         assert os.path.exists(tmp_path / run / 'results.json')
 
 
-def test_tiny_model_overfits_one_batch(tiny):
+@pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
+def test_tiny_model_overfits_one_batch(tiny, kind):
     torch.manual_seed(0)
-    cfg = M.ModelConfig(n_items=tiny.n_items, method='base', d=16, max_len=10, dropout=0.0)
+    cfg = M.ModelConfig(n_items=tiny.n_items, method='base', kind=kind, d=16, max_len=10, dropout=0.0)
     m = M.Recommender(cfg)
     rows = torch.from_numpy(tiny.padded(2, 11)[:8])
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(100):
-        loss, _ = m(rows[:, :-1], rows[:, 1:], train.sample_negatives(rows, tiny.n_items, gen))
+        loss, _ = m(*train.training_batch(rows, kind, tiny.n_items, 0.6, 10, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -3,8 +3,10 @@
     python train.py --data processed/beauty --emb emb/beauty-minilm --method llmesr --out runs/beauty-llmesr
 
 Each user gives one training sequence (every item but the validation and test items, the last
---max-len kept); every position predicts the next item. Batches hold users of similar lengths
-(--sort-pool; see epoch_batches) and are cut to their longest sequence. After each epoch the model is ranked on the
+--max-len kept). What it is trained to predict depends on the backbone (training_batch): SASRec
+every next item, GRU4Rec the last one, BERT4Rec masked items. Batches are uniformly random users
+(--sort-pool for length-sorted ones) and are cut to their longest sequence; inside the model, rows
+of very different lengths are encoded in separate groups (model.length_groups). After each epoch the model is ranked on the
 validation items (full ranking, NDCG@10 decides early stopping) and `last.pt` is written; the best
 epoch is kept in `best.pt`. At the end the best checkpoint is evaluated on test and the run folder
 gets results.json, results.md and test_ranks.npz (each user's 0-based target rank, both protocols).
@@ -48,7 +50,8 @@ def get_args(argv=None):
     p.add_argument('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
     p.add_argument('--out', required=True, help='run folder: checkpoints, log and results')
     p.add_argument('--method', default='llmesr', choices=['base', 'llminit', 'llmesr'], help='what to train')
-    p.add_argument('--backbone', default='sasrec', choices=['sasrec'], help='sequence encoder')
+    p.add_argument('--backbone', default='sasrec', choices=['sasrec', 'gru4rec', 'bert4rec'], help='sequence encoder')
+    p.add_argument('--mask-prob', type=float, default=0.6, help='BERT4Rec: probability that an item is masked (official scripts: 0.6)')
     p.add_argument('--seed', type=int, default=42, help='seeds numpy, torch and the negative sampler')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
     p.add_argument('--max-len', type=int, default=200, help='most recent items kept per sequence')
@@ -58,8 +61,8 @@ def get_args(argv=None):
     p.add_argument('--dropout', type=float, default=0.5, help='dropout rate')
     p.add_argument('--loss', default='bce', choices=['bce', 'ce'], help='bce: one sampled negative per position; ce: all items')
     p.add_argument('--batch-size', type=int, default=128, help='users per training step')
-    p.add_argument('--sort-pool', type=int, default=50,
-                   help='batches per pool of shuffled users sorted by length (0: uniformly random batches, as the official code)')
+    p.add_argument('--sort-pool', type=int, default=0,
+                   help='batches per pool of shuffled users sorted by length: ~2x faster epochs, but see epoch_batches (0: uniformly random batches, as the official code)')
     p.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate')
     p.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (official l2: 0)')
     p.add_argument('--clip', type=float, default=0.0, help='clip the gradient norm to this (0: off)')
@@ -88,7 +91,7 @@ RESUMABLE = {'resume', 'device', 'threads', 'log_every', 'eval_batch', 'compile'
 
 
 def model_config(config, n_items):
-    return ModelConfig(n_items=n_items, method=config['method'], d=config['d'], max_len=config['max_len'],
+    return ModelConfig(n_items=n_items, method=config['method'], kind=config['backbone'], d=config['d'], max_len=config['max_len'],
                        n_layers=config['layers'], n_heads=config['heads'], dropout=config['dropout'],
                        semantic=not config['no_semantic'], collaborative=not config['no_collaborative'],
                        cross=not config['no_cross'], shared_encoder=not config['split_encoder'],
@@ -153,11 +156,11 @@ def set_rng_state(state, np_rng, neg_gen):
 def epoch_batches(lengths, batch_size, pool, rng):
     """One epoch's batches (a list of user-index arrays); every user once.
 
-    Departure: the official code draws uniformly random batches. Beauty's training sequences
-    average 5.7 items, but the longest of 128 random users averages 44, so 87% of a random batch
-    (cut to its longest sequence) is padding. Here users are shuffled, sorted by length within
-    pools of `pool` batches, cut into batches, and the batches shuffled: about 10% padding at
-    pool 50, seven times fewer positions. pool 0 gives the official uniform batches.
+    pool 0 (the default) gives uniformly random batches, as the official code. With pool > 0,
+    users are shuffled, sorted by length within pools of `pool` batches, cut into batches, and the
+    batches shuffled: on Beauty about 10% of a batch is padding at pool 50 against 87% for random
+    batches, and an epoch takes half the time. It is not the default because it trained worse on
+    Beauty (README, "Speed"): a batch of one length weighs its users' positions differently.
     """
     perm = rng.permutation(len(lengths))
     if pool == 0:
@@ -170,15 +173,48 @@ def epoch_batches(lengths, batch_size, pool, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def sample_negatives(rows, n_items, gen):
-    """(B, L + 1) windows -> (B, L): one uniform negative per target, never an item of the user's
-    window; 0 where the target is padding (so padding never sends items through the adapter)."""
-    valid = rows[:, 1:] != 0                                       # (B, L)
-    neg = torch.zeros(valid.shape, dtype=rows.dtype)
+def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
+    """(B, L + 1) windows (inputs and the last target) -> (seq, pos, neg), each (B', L'): the inputs,
+    the item each position must score (0: none) and a negative for it.
+
+      sasrec    every position scores the next item; B' = B
+      gru4rec   only the newest position, as the official GRU4Rec; B' = B
+      bert4rec  the official data loader's two halves, B' = 2B: first each window with its newest
+                item masked (the task at test time), then each window with every item masked
+                with probability mask_prob (of those, 80% become the mask token, 10% a random
+                item, 10% stay); every masked item is a target. Departure: the official loader
+                draws the two halves into separate batches; here a batch holds both for its users.
+    """
+    if backbone != 'bert4rec':
+        seq, pos = rows[:, :-1], rows[:, 1:]
+        if backbone == 'gru4rec':
+            pos = torch.zeros_like(pos)
+            pos[:, -1] = rows[:, -1]
+        return seq, pos, sample_negatives(pos, rows, n_items, gen)
+    rows = rows[:, -max_len:]                                      # (B, L') the window is the input
+    mask_id = n_items + 1
+    newest = rows.clone()
+    newest[:, -1] = mask_id
+    newest_pos = torch.zeros_like(rows)
+    newest_pos[:, -1] = rows[:, -1]
+    chosen = (torch.rand(rows.shape, generator=gen) < mask_prob) & (rows != 0)
+    how = torch.rand(rows.shape, generator=gen)
+    random_items = torch.randint(1, n_items + 1, rows.shape, generator=gen)
+    cloze = torch.where(chosen & (how < 0.8), mask_id, torch.where(chosen & (how < 0.9), random_items, rows))
+    seq, pos = torch.cat([newest, cloze]), torch.cat([newest_pos, torch.where(chosen, rows, 0)])  # (2B, L')
+    return seq, pos, sample_negatives(pos, torch.cat([rows, rows]), n_items, gen)
+
+
+def sample_negatives(targets, history, n_items, gen):
+    """(B, L) targets (0: none), (B, L') each user's items -> (B, L): one uniform negative per
+    target, never an item of the user's; 0 where there is no target (so padding never sends
+    items through the adapter)."""
+    valid = targets != 0
+    neg = torch.zeros_like(targets)
     owners = valid.nonzero()[:, 0]                                 # (N,) the row of each target
     draw = torch.randint(1, n_items + 1, (len(owners),), generator=gen)
     for _ in range(100):
-        clash = (draw[:, None] == rows[owners]).any(-1)            # (N,)
+        clash = (draw[:, None] == history[owners]).any(-1)         # (N,)
         if not clash.any():
             break
         draw[clash] = torch.randint(1, n_items + 1, (int(clash.sum()),), generator=gen)
@@ -259,11 +295,11 @@ def train(args):
         for b in range(state['next_batch'], n_batches):
             idx = state['batches'][b]
             rows = torch.from_numpy(trim(train_rows[idx], least=2))  # (B, L' + 1) input and targets
-            neg = sample_negatives(rows, data.n_items, neg_gen)
+            seq, pos, neg = training_batch(rows, args.backbone, data.n_items, args.mask_prob, args.max_len, neg_gen)
             teacher = None
             if distill:
                 teacher = teacher_for(model, similar[idx], state['teacher'], train_rows, device)
-            seq, pos, neg = (t.to(device, non_blocking=True) for t in (rows[:, :-1], rows[:, 1:], neg))
+            seq, pos, neg = (t.to(device, non_blocking=True) for t in (seq, pos, neg))
             loss, parts = step_fn(seq, pos, neg, teacher, args.alpha)
             for name, value in [('total', loss), *parts.items()]:
                 if not torch.isfinite(value):
