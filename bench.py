@@ -4,9 +4,10 @@
         --raw ../shared/data/amazon-beauty-2014 --out bench.json
 
 Sections (each skipped when its inputs are not given):
-  train      two real training epochs of train.py per method (base, llmesr), methods alternating
-             within each repeat so a busy machine slows both alike; the second epoch is the
-             steady state (the first also builds LLM-ESR's initial teacher table): sequences/s, ratio
+  train      two real training epochs of train.py per backbone and method (base, llmesr; also
+             llmesr-live), alternating within each repeat so a busy machine slows all alike; the
+             second epoch is the steady state (the first also builds LLM-ESR's teacher table)
+  step       ms per training step of base and LLM-ESR on the same batches, per backbone: the ratio
   eval       users/s of ranking every test user, full ranking and the 100-negative protocol together
   retrieval  cosine top-10 among --retrieval-users random users x 384 dims: seconds, peak memory,
              and exactness against brute force on a subset
@@ -14,6 +15,7 @@ Sections (each skipped when its inputs are not given):
   embed      embed.py's pipeline against the bare model forward on the same pre-tokenised batches
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,6 +34,11 @@ def summary(values):
     return {'median': float(np.median(v)), 'min': float(v.min()), 'max': float(v.max()), 'n': len(v)}
 
 
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
 def run_child(args):
     """Run a Python command line; (seconds, peak resident MiB of that child)."""
     code = ('import resource, subprocess, sys, time; t = time.time(); '
@@ -43,23 +50,80 @@ def run_child(args):
 
 
 def bench_train(a):
+    """Real epochs of train.py for every backbone x method; the second epoch is the steady state."""
     out, firsts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
-            for method in a.methods:
-                run = os.path.join(tmp, f'{method}-{r}')
-                run_child(['train.py', '--data', a.data, '--emb', a.emb, '--method', method, '--out', run,
-                           '--epochs', '2', '--max-len', str(a.max_len), '--batch-size', str(a.batch_size),
-                           '--n-similar', str(a.n_similar), '--seed', str(r)])
-                first, steady = json.load(open(os.path.join(run, 'results.json')))['epoch_seconds']
-                out.setdefault(method, []).append(steady)
-                firsts.setdefault(method, []).append(first)
+            for kind in a.backbones:
+                for method in a.methods:                           # 'llmesr-live': per-step teachers
+                    name = f'{kind}/{method}'
+                    run = os.path.join(tmp, f'{kind}-{method}-{r}')
+                    flags = ['--method', method.split('-')[0]] + (['--teacher', 'live'] if method.endswith('-live') else [])
+                    run_child(['train.py', '--data', a.data, '--emb', a.emb, *flags, '--backbone', kind, '--out', run,
+                               '--epochs', '2', '--max-len', str(a.max_len), '--batch-size', str(a.batch_size),
+                               '--n-similar', str(a.n_similar), '--seed', str(r), '--threads', str(a.threads)])
+                    first, steady = json.load(open(os.path.join(run, 'results.json')))['epoch_seconds']
+                    out.setdefault(name, []).append(steady)
+                    firsts.setdefault(name, []).append(first)
     users = json.load(open(os.path.join(a.data, 'stats.json')))['users']
     res = {m: {'epoch_seconds': summary(s), 'first_epoch_seconds': summary(firsts[m]),
                'sequences_per_second': users / float(np.median(s))} for m, s in out.items()}
-    if 'base' in out and 'llmesr' in out:
-        res['llmesr_over_base'] = float(np.median(out['llmesr']) / np.median(out['base']))
-    res['settings'] = {'max_len': a.max_len, 'batch_size': a.batch_size, 'n_similar': a.n_similar}
+    for kind in a.backbones:
+        for method in a.methods:
+            if method != 'base' and f'{kind}/base' in out:
+                res[f'{kind}/{method}']['over_base'] = float(np.median(out[f'{kind}/{method}']) / np.median(out[f'{kind}/base']))
+    res['settings'] = {'max_len': a.max_len, 'batch_size': a.batch_size, 'n_similar': a.n_similar, 'threads': a.threads}
+    return res
+
+
+def bench_step(a):
+    """ms per training step (batch, forward, backward, AdamW) of base and LLM-ESR on the same batches.
+
+    Steps alternate between the two models batch by batch, so a busy machine slows both alike;
+    LLM-ESR averages cached teachers (--teacher table).
+    """
+    from data import load_processed
+    from embed import load_embeddings
+    from eval import trim
+    from model import ModelConfig, Recommender, similar_users
+    from train import epoch_batches, to_device, training_batch
+    data = load_processed(a.data)
+    llm_items, llm_users, _ = load_embeddings(a.emb, data)
+    rows_all = data.padded(2, a.max_len + 1)
+    similar = similar_users(torch.from_numpy(llm_users), a.n_similar)
+    batches = epoch_batches((rows_all != 0).sum(1), a.batch_size, 0, np.random.default_rng(0))[:a.step_batches]
+    res = {}
+    for kind in a.backbones:
+        models = {}
+        for method in ('base', 'llmesr'):
+            torch.manual_seed(0)
+            m = Recommender(ModelConfig(n_items=data.n_items, method=method, kind=kind, d=a.d, max_len=a.max_len),
+                            torch.from_numpy(llm_items)).to(a.dev).train()
+            models[method] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3))
+        table = torch.randn(data.n_users, 2 * a.d, device=a.dev)    # a teacher table of the right shape
+        gen = torch.Generator().manual_seed(0)
+        ms = {method: [] for method in models}
+        for idx in batches:
+            rows = torch.from_numpy(trim(rows_all[idx], least=2))
+            for method, (m, optimizer) in models.items():
+                t = time.perf_counter()
+                seq, pos, neg = (to_device(x, a.dev) for x in training_batch(rows, kind, data.n_items, 0.6, a.max_len, gen))
+                teacher = table[similar[idx].to(a.dev)].mean(1) if method == 'llmesr' else None
+                with a.autocast:
+                    loss, _ = m(seq, pos, neg, teacher, 0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                synchronize(a.dev)
+                ms[method].append((time.perf_counter() - t) * 1000)
+        base, llmesr = np.array(ms['base']), np.array(ms['llmesr'])
+        res[kind] = {'base_ms': summary(base), 'llmesr_ms': summary(llmesr),
+                     'base_sequences_per_second': a.batch_size / base.mean() * 1000,
+                     'llmesr_sequences_per_second': a.batch_size / llmesr.mean() * 1000,
+                     'llmesr_over_base_total': float(llmesr.sum() / base.sum()),
+                     'llmesr_over_base_median_step': float(np.median(llmesr / base))}
+    res['settings'] = {'batches': len(batches), 'max_len': a.max_len, 'batch_size': a.batch_size,
+                       'n_similar': a.n_similar, 'd': a.d, 'threads': torch.get_num_threads()}
     return res
 
 
@@ -68,12 +132,13 @@ def bench_eval(a):
     from eval import rank_targets
     from model import ModelConfig, Recommender
     data = load_processed(a.data)
-    model = Recommender(ModelConfig(n_items=data.n_items, method='base', max_len=a.max_len)).eval()
+    model = Recommender(ModelConfig(n_items=data.n_items, method='base', max_len=a.max_len)).to(a.dev).eval()
     inputs, targets = data.padded(1, a.max_len), data.target(1)
     times = []
     for _ in range(a.repeats):
         t = time.time()
-        rank_targets(model, inputs, targets, data.eval_negatives, 1024, torch.device('cpu'))
+        rank_targets(model, inputs, targets, data.eval_negatives, 1024, a.dev)
+        synchronize(a.dev)
         times.append(time.time() - t)
     return {'users': data.n_users, 'seconds': summary(times), 'users_per_second': data.n_users / float(np.median(times))}
 
@@ -120,18 +185,20 @@ def bench_data(a):
 
 def bench_embed(a):
     from data import load_processed
-    from embed import embed_texts, encode, length_sorted_batches, load_lm
+    from embed import embed_texts, length_sorted_batches, load_lm
     data = load_processed(a.data)
     texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')][:a.embed_texts]
-    tokenizer, model = load_lm(a.lm, torch.device('cpu'))
+    tokenizer, model = load_lm(a.lm, a.dev)
     ids = tokenizer(texts, truncation=True, max_length=a.embed_max_length)['input_ids']
     batches = [tokenizer.pad({'input_ids': [ids[i] for i in b]}, return_tensors='pt')
                for b in length_sorted_batches([len(i) for i in ids], 64)]
 
     @torch.inference_mode()
     def bare():
-        for b in batches:
-            model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).last_hidden_state
+        for b in batches:                                          # the model alone, as encode() runs it
+            with a.autocast:
+                model(input_ids=b['input_ids'].to(a.dev), attention_mask=b['attention_mask'].to(a.dev)).last_hidden_state
+        synchronize(a.dev)
     pipe, forward = [], []
     for _ in range(a.repeats):
         t = time.time()
@@ -147,25 +214,69 @@ def bench_embed(a):
             'pipeline_seconds': summary(pipe), 'bare_seconds': summary(forward)}
 
 
+def markdown(results):
+    """The figures as a markdown table: medians, with min-max over repeats where there are several."""
+    def spread(v):
+        return f'{v["median"]:.2f}' + (f' ({v["min"]:.2f}-{v["max"]:.2f})' if v['n'] > 1 else '')
+    rows = []
+    for kind, r in results.get('step', {}).items():
+        if kind != 'settings':
+            rows += [(f'step, {kind}: ms per step, base / LLM-ESR (median)', f'{r["base_ms"]["median"]:.1f} / {r["llmesr_ms"]["median"]:.1f}'),
+                     (f'step, {kind}: sequences/s, base / LLM-ESR', f'{r["base_sequences_per_second"]:.0f} / {r["llmesr_sequences_per_second"]:.0f}'),
+                     (f'step, {kind}: LLM-ESR / base, all steps (median step)',
+                      f'{r["llmesr_over_base_total"]:.2f}x ({r["llmesr_over_base_median_step"]:.2f}x)')]
+    for name, r in results.get('train', {}).items():
+        if name != 'settings':
+            rows.append((f'train, {name}: steady epoch s', spread(r['epoch_seconds']) +
+                         (f', {r["over_base"]:.2f}x base' if 'over_base' in r else '')))
+    if 'eval' in results:
+        r = results['eval']
+        rows.append((f'eval, {r["users"]:,} users, both protocols: s', f'{spread(r["seconds"])}, {r["users_per_second"]:.0f} users/s'))
+    if 'retrieval' in results:
+        r = results['retrieval']
+        rows.append((f'retrieval, top-{r["n"]} of {r["users"]:,} x {r["dim"]}: s, peak MiB, exact',
+                     f'{spread(r["seconds"])}, {r["peak_rss_mib"]:.0f}, {r["exact_on_subset"]} ({r["subset_users"]} users)'))
+    if 'data' in results:
+        r = results['data']
+        rows.append(('data.py: s, peak MiB', f'{spread(r["seconds"])}, {r["peak_rss_mib"]["median"]:.0f}'))
+    if 'embed' in results:
+        r = results['embed']
+        rows.append((f'embed, {r["texts"]} texts: pipeline / bare forward texts/s',
+                     f'{r["pipeline_texts_per_second"]:.1f} / {r["bare_forward_texts_per_second"]:.1f} = {r["pipeline_over_bare"]:.2f}x'))
+    return '| figure | value |\n|---|---|\n' + ''.join(f'| {a} | {b} |\n' for a, b in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', help='processed folder (train, eval and embed sections)')
     p.add_argument('--emb', help='embedding folder (train section)')
     p.add_argument('--raw', help='raw dataset folder (data section)')
     p.add_argument('--lm', help='language model (embed section)')
-    p.add_argument('--sections', nargs='+', default=['train', 'eval', 'retrieval', 'data', 'embed'], help='what to measure')
-    p.add_argument('--methods', nargs='+', default=['base', 'llmesr'], help='methods in the train section')
+    p.add_argument('--sections', nargs='+', default=['step', 'train', 'eval', 'retrieval', 'data', 'embed'],
+                   help='what to measure')
+    p.add_argument('--methods', nargs='+', default=['base', 'llmesr'], help="methods in the train section ('llmesr-live' too)")
+    p.add_argument('--backbones', nargs='+', default=['sasrec', 'gru4rec', 'bert4rec'], help='backbones (train, step)')
+    p.add_argument('--step-batches', type=int, default=175, help='batches in the step section (175: one Beauty epoch)')
+    p.add_argument('--threads', type=int, default=0, help='torch threads in every section (0: torch decides)')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda' (step, eval, embed)")
     p.add_argument('--repeats', type=int, default=3, help='repeats of each measurement')
-    p.add_argument('--max-len', type=int, default=50, help='maximum sequence length (train, eval)')
+    p.add_argument('--max-len', type=int, default=200, help='maximum sequence length (official: 200)')
     p.add_argument('--batch-size', type=int, default=128, help='training batch size')
+    p.add_argument('--d', type=int, default=64, help='hidden size of each view (step section)')
     p.add_argument('--n-similar', type=int, default=10, help='similar users per teacher')
     p.add_argument('--retrieval-users', type=int, default=200_000, help='users in the retrieval benchmark')
     p.add_argument('--embed-texts', type=int, default=1024, help='item prompts in the embed benchmark')
     p.add_argument('--embed-max-length', type=int, default=128, help='tokens per text in the embed benchmark')
     p.add_argument('--out', default='bench.json', help='JSON file for the figures')
     a = p.parse_args(argv)
-    need = {'train': [a.data, a.emb], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
-    results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count()}
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from model import pick_device
+    a.dev = pick_device(a.device)
+    a.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if a.dev.type == 'cuda' else contextlib.nullcontext()
+    need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
+    results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+               'device': torch.cuda.get_device_name(a.dev) if a.dev.type == 'cuda' else 'cpu'}
     for section in a.sections:
         if not all(need[section]):
             print(f'{section}: skipped (needs {", ".join(k for k, v in zip(("--data", "--emb", "--raw", "--lm"), need[section]) if not v) or "inputs"})')
@@ -175,6 +286,7 @@ def main(argv=None):
         print(f'{section} ({time.time() - t:.0f} s): {json.dumps(results[section])}', flush=True)
     from data import write_json_atomic
     write_json_atomic(a.out, results)
+    print(markdown(results))
 
 
 if __name__ == '__main__':

@@ -280,6 +280,8 @@ class Recommender(nn.Module):
         assert self.use_sem or self.use_co, 'LLM-ESR needs at least one view'
         if cfg.method != 'base' and llm_items is None:
             raise ValueError(f'method {cfg.method} needs the language-model item table')
+        if llm_items is not None and cfg.method != 'base' and cfg.d > llm_items.shape[1]:
+            raise ValueError(f'd = {cfg.d} is larger than the language model\'s {llm_items.shape[1]} dimensions; use a smaller --d')
         pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
         self.mask_id = cfg.n_items + 1 if cfg.kind == 'bert4rec' else None
         rows = cfg.n_items + 1 + (self.mask_id is not None)         # padding, items, the mask token

@@ -833,3 +833,20 @@ def test_every_ablation_switch_changes_what_its_name_says():
     assert not torch.allclose(no_cross.user_states(seq), full.user_states(seq))
     loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
     assert set(parts) == {'rec'}
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
+    import bench
+    out = tmp_path / 'bench.json'
+    bench.main(['--data', tiny.folder, '--emb', tiny_emb, '--sections', 'step', 'eval', 'retrieval',
+                '--step-batches', '2', '--batch-size', '8', '--max-len', '10', '--d', '16', '--retrieval-users', '3000',
+                '--repeats', '1', '--threads', '1', '--out', str(out)])
+    res = json.load(open(out))
+    for kind in ('sasrec', 'gru4rec', 'bert4rec'):
+        assert res['step'][kind]['llmesr_over_base_total'] > 0
+    assert res['retrieval']['exact_on_subset'] and res['eval']['users'] == tiny.n_users
+    assert '| step, bert4rec: LLM-ESR / base' in capsys.readouterr().out

@@ -24,6 +24,7 @@ Random state: --seed seeds numpy (batch order), torch (initialisation, dropout) 
 sampler; all their states are saved in every checkpoint, so --resume continues the same run.
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -173,6 +174,11 @@ def epoch_batches(lengths, batch_size, pool, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def to_device(t, device):
+    """A CPU batch tensor on `device`; to CUDA through pinned memory, so the copy does not block."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t
+
+
 def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
     """(B, L + 1) windows (inputs and the last target) -> (seq, pos, neg), each (B', L'): the inputs,
     the item each position must score (0: none) and a negative for it.
@@ -246,6 +252,8 @@ def train(args):
           f'{data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step_fn = torch.compile(model) if args.compile else model
+    # bf16 on CUDA for the training step only: evaluation stays float32, where ties count against the target
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
 
     distill = args.method == 'llmesr' and args.alpha > 0
     similar = similar_users(torch.from_numpy(llm_users), args.n_similar) if distill else None  # (U, N)
@@ -299,8 +307,9 @@ def train(args):
             teacher = None
             if distill:
                 teacher = teacher_for(model, similar[idx], state['teacher'], train_rows, device)
-            seq, pos, neg = (t.to(device, non_blocking=True) for t in (seq, pos, neg))
-            loss, parts = step_fn(seq, pos, neg, teacher, args.alpha)
+            seq, pos, neg = (to_device(t, device) for t in (seq, pos, neg))
+            with autocast:
+                loss, parts = step_fn(seq, pos, neg, teacher, args.alpha)
             for name, value in [('total', loss), *parts.items()]:
                 if not torch.isfinite(value):
                     raise TrainingError(f'epoch {epoch}, step {state["step"]}: the {name} loss is {value.item()}; '
@@ -358,9 +367,9 @@ def train(args):
 def teacher_for(model, similar, table, train_rows, device):
     """(B, N) similar users -> (B, D) teacher: the mean of their representations, no gradient."""
     if table is not None:
-        return table[torch.as_tensor(similar)].mean(1).to(device)
+        return to_device(table[torch.as_tensor(similar)].mean(1), device)
     B, N = similar.shape
-    rows = torch.from_numpy(trim(train_rows[similar.reshape(-1).numpy()], least=2)[:, :-1]).to(device)
+    rows = to_device(torch.from_numpy(trim(train_rows[similar.reshape(-1).numpy()], least=2)[:, :-1]), device)
     return model.user_vectors(rows).view(B, N, -1).mean(1)
 
 
