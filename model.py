@@ -196,8 +196,8 @@ class SeqEncoder(nn.Module):
     Positions count back from the most recent item (0 = newest). With left padding this is what
     the official absolute positions amount to at the full length, and it makes the output
     independent of how much padding a batch carries, so batches can be cut to their longest
-    sequence. The GRU gets zero inputs at padding, which keep a bias-free GRU's state at exactly
-    zero, so it is independent of padding too.
+    sequence. The GRU runs over each row's items only and its state at padding is 0, so it is
+    independent of padding too.
     """
 
     def __init__(self, cfg):
@@ -225,13 +225,29 @@ class SeqEncoder(nn.Module):
 
     def forward(self, x, seq):
         """(B, L, d) embedded sequence, (B, L) ids -> (B, L, d)"""
-        keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
         if self.kind == 'gru4rec':
-            return self.gru(x * keep)[0]                           # LLM-ESR's cross-attention leaves padding non-zero
+            return self.gru_over_items(x, seq)
+        keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
         bias = attention_bias(seq, causal=self.kind == 'sasrec')
         for block in self.blocks:
             x = block(x, bias) * keep
         return self.ln(x)
+
+    def gru_over_items(self, x, seq):
+        """(B, L, d), (B, L) left-padded -> (B, L, d): the GRU over each row's items, 0 at padding.
+
+        Left padding is moved to the right and packed away. Over padding the forward would be
+        harmless (zero inputs keep a bias-free GRU at 0), but the backward grows through a long
+        padded prefix until float32 overflows: NaN gradients on Beauty at maximum length 200.
+        """
+        B, L, _ = x.shape
+        n = (seq != 0).sum(1).clamp(min=1)                          # (B,) items per row
+        start = (L - n)[:, None]                                    # (B, 1) first item's column
+        steps = torch.arange(L, device=seq.device)[None]            # (1, L)
+        items_first = x.gather(1, ((steps + start) % L)[..., None].expand_as(x))  # (B, L, d)
+        packed = nn.utils.rnn.pack_padded_sequence(items_first, n.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)  # (B, L, d)
+        return out.gather(1, ((steps - start) % L)[..., None].expand_as(out))   # back to left padding
 
 
 def length_groups(lengths, keep=0.75):

@@ -318,6 +318,15 @@ def test_epoch_batches_hold_every_user_once_and_cut_padding():
     assert padded[4] < 0.5 * padded[0]
 
 
+def test_gru4rec_gradients_stay_finite_behind_a_long_padded_prefix():
+    m = small_model('base', kind='gru4rec', n_items=30)
+    m.encoder.gru.weight_hh_l0.data *= 30                          # a recurrence that grows gradients
+    seq = torch.zeros(2, 400, dtype=torch.long)
+    seq[0, -3:], seq[1, -1:] = torch.tensor([1, 2, 3]), 4
+    m.encode(seq, m.item_table(), seq)[:, -1].sum().backward()  # one group: 397 columns of padding in row 0
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 def test_pca_initialises_collaborative_table():
     m = small_model()
     reduced = M.pca(m.llm_items[1:], 8)          # PCA is unchanged by the table's rescaling, up to scale

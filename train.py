@@ -88,7 +88,7 @@ def get_args(argv=None):
 
 
 # settings that may differ between a run and its resumption
-RESUMABLE = {'resume', 'device', 'threads', 'log_every', 'eval_batch', 'compile', 'epochs', 'patience'}
+RESUMABLE = {'resume', 'out', 'device', 'threads', 'log_every', 'eval_batch', 'compile', 'epochs', 'patience'}
 
 
 def model_config(config, n_items):
