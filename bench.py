@@ -272,11 +272,13 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     from model import pick_device
+    from train import git_commit
     a.dev = pick_device(a.device)
     a.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if a.dev.type == 'cuda' else contextlib.nullcontext()
     need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
     results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-               'device': torch.cuda.get_device_name(a.dev) if a.dev.type == 'cuda' else 'cpu'}
+               'device': torch.cuda.get_device_name(a.dev) if a.dev.type == 'cuda' else 'cpu', 'commit': git_commit(),
+               'command': ' '.join(['python', 'bench.py', *(argv if argv is not None else sys.argv[1:])])}
     for section in a.sections:
         if not all(need[section]):
             print(f'{section}: skipped (needs {", ".join(k for k, v in zip(("--data", "--emb", "--raw", "--lm"), need[section]) if not v) or "inputs"})')
