@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataError, load_processed, read_json, replace_dir, sha256_file, sha256_json, write_json_atomic
+import torch.nn.functional as F
+
+from data import (DataError, load_processed, read_json, render_item_prompt, replace_dir, sha256_file, sha256_json,
+                  write_json_atomic)
 from model import pick_device
 
 EMBED_VERSION = 1
@@ -38,9 +41,17 @@ def resolve_lm(name):
     if spec and spec.submodule_search_locations:
         root = list(spec.submodule_search_locations)[0]
         for folder in (root, os.path.join(root, 'model')):
-            if os.path.exists(os.path.join(folder, 'config.json')):
+            if os.path.exists(os.path.join(folder, 'config.json')) or gguf_file(folder):
                 return folder
     return name
+
+
+def gguf_file(folder):
+    """The name of the one .gguf file of a folder without config.json (a packaged GGUF model), else None."""
+    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, 'config.json')):
+        return None
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.gguf'))
+    return files[0] if len(files) == 1 else None
 
 
 TOKENIZER_FILES = {'tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'tokenizer.model',
@@ -57,13 +68,14 @@ def load_lm(name, device, dtype=None):
     if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith(('.gguf', '.tiktoken')) for f in os.listdir(path)):
         raise DataError(f'--lm {name}: the folder has no tokenizer files ({", ".join(sorted(TOKENIZER_FILES))}). '
                         'Save the tokenizer beside the model (tokenizer.save_pretrained(folder)).')
+    gguf = {'gguf_file': gguf_file(path)} if gguf_file(path) else {}  # de-quantised to float on load
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
     except (OSError, ValueError, TypeError) as e:
         where = 'has no usable tokenizer' if os.path.isdir(path) else 'cannot be found locally or fetched (offline?)'
         raise DataError(f'--lm {name}: {where} ({str(e).splitlines()[0]}). {hint}') from e
     try:
-        model = AutoModel.from_pretrained(path, dtype=dtype)
+        model = AutoModel.from_pretrained(path, dtype=dtype, **gguf)
     except (OSError, ValueError) as e:
         raise DataError(f'--lm {name}: model weights cannot be loaded ({str(e).splitlines()[0]}). {hint}') from e
     if tokenizer.pad_token is None:
@@ -124,6 +136,164 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# contrastive fine-tuning of the language model (LLM-CFSR)
+
+
+def prompt_subject(prompt, attrs):
+    """The subject of an item prompt made by data.render_item_prompt ('The beauty item')."""
+    rest = render_item_prompt('', attrs)
+    subject = prompt[:len(prompt) - len(rest)]
+    if not prompt.endswith(rest) or render_item_prompt(subject, attrs) != prompt:
+        raise DataError(f'cannot rebuild the prompt {prompt[:60]!r}... from its attributes; re-run data.py.')
+    return subject
+
+
+def attribute_views(subject, attrs, k, r, rng):
+    """k prompts of one item, each attribute dropped with probability r but never all of them;
+    the instruction line (the subject) always stays."""
+    if not attrs:
+        return [render_item_prompt(subject, [])] * k
+    views = []
+    for _ in range(k):
+        keep = rng.random(len(attrs)) >= r
+        if not keep.any():
+            keep[rng.integers(len(attrs))] = True
+        views.append(render_item_prompt(subject, [a for a, kept in zip(attrs, keep) if kept]))
+    return views
+
+
+def info_nce(z, log_scale):
+    """(K, B, H) unit vectors of K views of B items -> symmetric in-batch InfoNCE (a scalar).
+
+    Each of the K * B views is an anchor; its positives are the other K - 1 views of its item and
+    its negatives the K * (B - 1) views of the other items; logits are inner products times a
+    learnable scale exp(log_scale) (1 / temperature). Every pair is counted from both sides.
+    """
+    K, B, _ = z.shape
+    flat = z.reshape(K * B, -1)                                    # (KB, H), view-major
+    logits = flat @ flat.T * log_scale.exp()                       # (KB, KB)
+    self_pair = torch.eye(K * B, dtype=torch.bool, device=z.device)
+    log_prob = logits.masked_fill(self_pair, -float('inf')).log_softmax(1)
+    item = torch.arange(K * B, device=z.device) % B
+    positive = (item[:, None] == item[None, :]) & ~self_pair       # (KB, KB), K - 1 per row
+    return -log_prob[positive].mean()
+
+
+LORA_TARGETS = {'llama': ['q_proj', 'k_proj', 'v_proj', 'o_proj'], 'qwen2': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+                'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj'], 'mistral': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+                'bert': ['query', 'value'], 'roberta': ['query', 'value'], 'xlm-roberta': ['query', 'value']}
+
+
+def add_lora(model, r, alpha, dropout):
+    """The model wrapped in peft LoRA adapters on its attention projections (per architecture).
+
+    LoRA's B matrices start at zero, so the wrapped model computes exactly what the model did.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise DataError('--lora needs peft, which is optional: pip install peft') from e
+    kind = model.config.model_type
+    if kind not in LORA_TARGETS:
+        raise DataError(f'--lora: no LoRA target modules known for model type {kind!r} '
+                        f'(known: {", ".join(sorted(LORA_TARGETS))}); tune without --lora, or add it to LORA_TARGETS.')
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[kind]))
+
+
+def train_last_layers(model, n):
+    """Freeze everything but the last n transformer blocks and what follows them (the final norm)."""
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                   and len(m) == model.config.num_hidden_layers), None)
+    if blocks is None or not 0 < n <= len(blocks):
+        raise DataError(f'--train-layers {n}: the model has {model.config.num_hidden_layers} blocks')
+    in_blocks = {id(p) for p in blocks.parameters()}
+    tuned = {id(p) for block in list(blocks)[-n:] for p in block.parameters()}
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    for p in model.parameters():
+        p.requires_grad = id(p) in tuned or (id(p) not in in_blocks and id(p) not in embeddings)
+
+
+def view_retrieval(model, tokenizer, items, max_length, batch_size, seed):
+    """Held-out items -> accuracy@1 and @10: does one attribute-dropped view of an item find the
+    other view of the same item among the second views of all held-out items (cosine)?"""
+    rng = np.random.default_rng(seed)
+    first, second = zip(*(attribute_views(subject, attrs, 2, 0.2, rng) for subject, attrs in items))
+    a, b = (F.normalize(torch.from_numpy(embed_texts(list(v), tokenizer, model, max_length, batch_size, 'views')), dim=1)
+            for v in (first, second))
+    sims = a @ b.T                                                 # (H, H)
+    rank = (sims > sims.diagonal()[:, None]).sum(1)                # 0: the other view is the nearest
+    return {'items': len(items), 'acc@1': float((rank < 1).float().mean()), 'acc@10': float((rank < 10).float().mean())}
+
+
+def finetune(model, tokenizer, items, cfg, device):
+    """Contrastive fine-tuning on item attributes; (model, report). items: [(subject, attrs)].
+
+    cfg: views, drop, steps, batch_size, lr, warmup, seed, max_length, train_layers, lora, lora_r,
+    lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then linear decay to 0.
+    """
+    rng = np.random.default_rng(cfg['seed'])
+    torch.manual_seed(cfg['seed'])
+    order = rng.permutation(len(items))
+    heldout = [items[i] for i in order[:cfg['heldout']]]
+    train_items = [items[i] for i in order[cfg['heldout']:]]
+    if len(train_items) < cfg['batch_size']:
+        raise DataError(f'--finetune: {len(train_items)} items left after {cfg["heldout"]} held out, fewer than one batch')
+    before = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
+    if cfg['lora']:
+        model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
+        if device.type == 'cuda':
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    elif cfg['train_layers']:
+        train_last_layers(model, cfg['train_layers'])
+    log_scale = torch.tensor(float(np.log(1 / cfg['temperature'])), device=device, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{'params': params}, {'params': [log_scale], 'weight_decay': 0.0}], lr=cfg['lr'])
+    warmup = max(1, int(cfg['warmup'] * cfg['steps']))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (cfg['steps'] - s) / (cfg['steps'] - warmup)))
+    model.train()
+    curve, started, queue = [], time.time(), []
+    for step in tqdm(range(cfg['steps']), desc='fine-tuning', unit='step', file=sys.stderr, disable=None):
+        if len(queue) < cfg['batch_size']:
+            queue += list(rng.permutation(len(train_items)))
+        batch, queue = queue[:cfg['batch_size']], queue[cfg['batch_size']:]
+        views = [attribute_views(*train_items[i], cfg['views'], cfg['drop'], rng) for i in batch]
+        texts = [v[k] for k in range(cfg['views']) for v in views]  # view-major: (K * B,)
+        enc = tokenizer(texts, truncation=True, max_length=cfg['max_length'], padding=True, return_tensors='pt')
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            hidden = model(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device)).last_hidden_state
+        z = F.normalize(mean_pool(hidden.float(), enc['attention_mask'].to(device)), dim=1)
+        loss = info_nce(z.view(cfg['views'], len(batch), -1), log_scale)
+        if not torch.isfinite(loss):
+            raise DataError(f'--finetune: the loss is {loss.item()} at step {step}; try a lower --lr')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            log_scale.clamp_(max=float(np.log(100)))               # temperature >= 0.01, as CLIP
+        curve.append({'step': step, 'loss': loss.item(), 'temperature': float(1 / log_scale.detach().exp())})
+    seconds = time.time() - started
+    model.eval()
+    after = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
+    report = {'config': cfg, 'view_retrieval_before': before, 'view_retrieval_after': after, 'seconds': seconds,
+              'items_per_second': cfg['steps'] * cfg['batch_size'] / seconds,
+              'trainable_parameters': sum(p.numel() for p in params), 'loss_curve': curve}
+    return model, report
+
+
+def save_tuned(model, tokenizer, folder):
+    """The tuned weights (the LoRA adapter alone for a LoRA model) and the tokenizer, in `folder`."""
+    if getattr(model.config, 'quantization_config', None) is not None:
+        del model.config.quantization_config                      # a de-quantised GGUF model saves as float
+        model.hf_quantizer = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def model_fingerprint(path):
     """Hash of a local model's config and weight files (size and sha256), or the hub name itself."""
     if not os.path.isdir(path):
@@ -160,6 +330,22 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
     p.add_argument('--force', action='store_true', help='recompute even when the folder is up to date')
+    f = p.add_argument_group('contrastive fine-tuning before embedding (LLM-CFSR)')
+    f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped item views first')
+    f.add_argument('--views', type=int, default=2, help='views of each item per step (K)')
+    f.add_argument('--drop', type=float, default=0.2, help='probability that an attribute is dropped from a view (r)')
+    f.add_argument('--steps', type=int, default=300, help='optimiser steps')
+    f.add_argument('--ft-batch-size', type=int, default=32, help='items per step (each gives --views prompts)')
+    f.add_argument('--lr', type=float, default=5e-5, help='AdamW peak learning rate (LoRA usually wants about 2e-4)')
+    f.add_argument('--warmup', type=float, default=0.1, help='fraction of the steps spent warming up the learning rate')
+    f.add_argument('--temperature', type=float, default=0.05, help='initial InfoNCE temperature (learnable)')
+    f.add_argument('--seed', type=int, default=42, help='seeds the views, the batches and the held-out split')
+    f.add_argument('--heldout', type=int, default=1000, help='items held out of tuning to measure view-to-view retrieval')
+    f.add_argument('--train-layers', type=int, default=0, help='tune only the last N blocks (0: the whole model)')
+    f.add_argument('--lora', action='store_true', help='tune LoRA adapters instead (needs peft)')
+    f.add_argument('--lora-r', type=int, default=8, help='LoRA rank')
+    f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
+    f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
     try:
         build(args)
@@ -176,10 +362,14 @@ def build(args):
     key = {'embed_version': EMBED_VERSION, 'lm': args.lm, 'model_fingerprint': model_fingerprint(path),
            'pooling': 'mean', 'max_length': args.max_length, 'data_fingerprint': data.fingerprint,
            'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
+    if args.finetune:                                              # a different tuning is a different cache
+        key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr', 'warmup',
+                                                          'temperature', 'seed', 'heldout', 'train_layers', 'lora',
+                                                          'lora_r', 'lora_alpha', 'lora_dropout')}
     manifest_path = os.path.join(args.out, 'manifest.json')
     if not args.force and os.path.exists(manifest_path):
         old = read_json(manifest_path, 'embedding manifest', '')
-        if all(old.get(k) == v for k, v in key.items()):
+        if all(old.get(k) == v for k, v in key.items()) and old.get('finetune') == key.get('finetune'):
             print(f'{args.out} is up to date')
             return
     tokenizer, model = load_lm(args.lm, device)
@@ -195,6 +385,8 @@ def build(args):
         os.makedirs(partial)
         progress = {'key': key, 'seconds': 0.0}
     started, before = time.time(), progress['seconds']
+    if args.finetune:
+        model = tuned_model(args, key['finetune'], data, tokenizer, model, partial, resuming, device)
     arrays = {}
     for name, texts in (('items', item_texts), ('users', user_texts)):
         file = os.path.join(partial, f'{name}.npy')
@@ -211,14 +403,37 @@ def build(args):
                     progress.get(name, 0), save)
     seconds = before + time.time() - started
     items, users = arrays['items'], arrays['users']
+    tuned = {'tuned_fingerprint': model_fingerprint(os.path.join(partial, 'lm'))} if args.finetune else {}
     write_json_atomic(os.path.join(partial, 'manifest.json'), {
-        **key, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
+        **key, **tuned, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
         'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
         'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv)})
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '
           f'in {seconds:.0f} s ({(len(items) + len(users)) / seconds:.0f} texts/s on {device})')
+
+
+def tuned_model(args, ft, data, tokenizer, model, partial, resuming, device):
+    """The fine-tuned model: tuned now (weights or adapter saved to <partial>/lm, report to
+    finetune.json), or reloaded from there when an interrupted build resumes."""
+    folder, report_path = os.path.join(partial, 'lm'), os.path.join(partial, 'finetune.json')
+    if resuming and os.path.exists(report_path):
+        print(f'reusing the fine-tuned model in {folder}')
+        if args.lora:
+            from peft import PeftModel
+            return PeftModel.from_pretrained(model, folder).to(device).eval()
+        return load_lm(folder, device)[1]
+    items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in data.read_jsonl('items.jsonl')]
+    cfg = {**ft, 'batch_size': ft['ft_batch_size'], 'max_length': args.max_length, 'heldout': min(ft['heldout'], len(items) // 5)}
+    model, report = finetune(model, tokenizer, items, cfg, device)
+    save_tuned(model, tokenizer, folder)
+    write_json_atomic(report_path, report)
+    b, a = report['view_retrieval_before'], report['view_retrieval_after']
+    if b:
+        print(f'view-to-view retrieval on {b["items"]} held-out items, acc@1 {b["acc@1"]:.3f} -> {a["acc@1"]:.3f}, '
+              f'acc@10 {b["acc@10"]:.3f} -> {a["acc@10"]:.3f}; {report["items_per_second"]:.1f} items/s')
+    return model
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import embed
@@ -395,6 +396,91 @@ def test_embed_refuses_other_data_and_missing_model(tmp_path, tiny):
         embed.load_lm(str(tmp_path / 'no-such-model'), 'cpu')
     with pytest.raises(data.DataError, match='no embedding manifest'):
         embed.load_embeddings(str(tmp_path), tiny)
+
+
+# ---------------------------------------------------------------------------------------------
+# contrastive fine-tuning (embed.py --finetune)
+
+
+def test_attribute_views_never_drop_every_attribute_and_follow_the_seed():
+    attrs = [['name', 'Lipstick'], ['brand', 'Acme'], ['price', '5.00'], ['categories', 'Makeup']]
+    many = embed.attribute_views('The beauty item', attrs, 2000, 0.9, np.random.default_rng(0))
+    assert all(v.startswith('The beauty item') and any(value in v for _, value in attrs) for v in many)  # never bare
+    assert many == embed.attribute_views('The beauty item', attrs, 2000, 0.9, np.random.default_rng(0))
+    assert many != embed.attribute_views('The beauty item', attrs, 2000, 0.9, np.random.default_rng(1))
+    kept = np.mean([v.count(' is ') + ('features' in v) for v in embed.attribute_views('The beauty item', attrs, 4000, 0.2,
+                                                                                      np.random.default_rng(0))])
+    assert abs(kept - 4 * 0.8) < 0.05                              # each attribute kept with probability 1 - r
+    prompt = data.render_item_prompt('The beauty item', attrs)
+    assert embed.prompt_subject(prompt, attrs) == 'The beauty item'
+
+
+def test_info_nce_matches_an_independent_computation():
+    torch.manual_seed(0)
+    K, B = 3, 4
+    z = F.normalize(torch.randn(K, B, 6), dim=-1)
+    log_scale = torch.tensor(math.log(1 / 0.1))
+    views = z.reshape(K * B, 6).double().numpy()
+    total, count = 0.0, 0
+    for a in range(K * B):                                        # every anchor, every positive, written out
+        logits = np.array([views[a] @ views[c] * 10 for c in range(K * B)])
+        denominator = sum(np.exp(logits[c]) for c in range(K * B) if c != a)
+        for p in range(K * B):
+            if p != a and p % B == a % B:
+                total, count = total - np.log(np.exp(logits[p]) / denominator), count + 1
+    assert count == K * B * (K - 1)
+    assert math.isclose(embed.info_nce(z, log_scale).item(), total / count, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['bert', 'llama'])
+def test_lora_at_initialisation_changes_no_embedding(tmp_path, kind):
+    pytest.importorskip('peft')
+    texts = ['a short text', 'a much longer text with many more words in it than the first one', 'third']
+    tok, lm = embed.load_lm(tiny_lm(str(tmp_path / kind), kind, texts), 'cpu')
+    before = embed.embed_texts(texts, tok, lm, 64, 2)
+    wrapped = embed.add_lora(lm, 4, 8, 0.0).eval()
+    assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) > 0
+    np.testing.assert_allclose(embed.embed_texts(texts, tok, wrapped, 64, 2), before, atol=1e-6)
+
+
+def test_lora_finetuning_of_a_decoder_saves_only_the_adapter(tmp_path, tiny):
+    pytest.importorskip('peft')
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'llama', texts)
+    embed.main(['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'emb'), '--finetune', '--lora', '--steps', '10',
+                '--ft-batch-size', '8', '--lr', '1e-3'])
+    saved = os.listdir(tmp_path / 'emb' / 'lm')
+    assert 'adapter_config.json' in saved and not any(f.startswith('model') for f in saved)
+    items, users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), tiny)
+    assert manifest['finetune']['lora'] and np.isfinite(items).all() and users.shape[0] == tiny.n_users
+
+
+def test_finetune_loss_falls_and_the_cache_records_the_tuning(tmp_path, tiny):
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    base = ['--data', tiny.folder, '--lm', lm]
+    # synthetic items differ only in their names, so views must keep them: a low drop rate
+    tuning = ['--finetune', '--steps', '150', '--ft-batch-size', '8', '--lr', '3e-3', '--drop', '0.1']
+    embed.main(base + tuning + ['--out', str(tmp_path / 'tuned')])
+    report = json.load(open(tmp_path / 'tuned' / 'finetune.json'))
+    losses = [c['loss'] for c in report['loss_curve']]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert report['view_retrieval_before']['items'] == tiny.n_items // 5 and 0 <= report['view_retrieval_after']['acc@1'] <= 1
+    manifest = json.load(open(tmp_path / 'tuned' / 'manifest.json'))
+    assert manifest['finetune']['steps'] == 150 and manifest['tuned_fingerprint'] != manifest['model_fingerprint']
+    assert os.path.exists(tmp_path / 'tuned' / 'lm' / 'config.json')
+    # the tuned embeddings differ from the frozen model's, and neither cache passes for the other
+    embed.main(base + ['--out', str(tmp_path / 'frozen')])
+    items = {f: np.load(tmp_path / f / 'items.npy') for f in ('tuned', 'frozen')}
+    assert not np.allclose(items['tuned'], items['frozen'], atol=1e-3)
+    shutil.copytree(tmp_path / 'tuned', tmp_path / 'stale')
+    embed.main(base + ['--out', str(tmp_path / 'stale')])          # same folder, now asked for no tuning
+    assert 'finetune' not in json.load(open(tmp_path / 'stale' / 'manifest.json'))
+    ids = {f: train.build({'data': tiny.folder, 'emb': str(tmp_path / f), 'method': 'llmesr', 'backbone': 'sasrec',
+                           **{k: v for k, v in vars(train.get_args(['--data', 'x', '--out', 'y'])).items()
+                              if k not in ('data', 'emb', 'method', 'backbone', 'd')}, 'd': 8}, 'cpu')[3]
+           for f in ('tuned', 'frozen')}
+    assert ids['tuned'] != ids['frozen']
 
 
 def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb):

@@ -109,8 +109,10 @@ def build(config, device):
             raise DataError(f'--method {config["method"]} needs --emb, a folder written by embed.py.')
         llm_items, llm_users, manifest = load_embeddings(config['emb'], data)
         # what the embeddings are, so a folder re-embedded with another model is never taken for this one
-        emb_id = sha256_json({k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
-                                                       'item_prompts_sha256', 'user_prompts_sha256')})
+        ident = {k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
+                                          'item_prompts_sha256', 'user_prompts_sha256')}
+        ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})  # a tuned LM
+        emb_id = sha256_json(ident)
     model = Recommender(model_config(config, data.n_items), None if llm_items is None else torch.from_numpy(llm_items))
     return data, model.to(device), llm_users, emb_id
 
