@@ -13,6 +13,7 @@ Sections (each skipped when its inputs are not given):
              and exactness against brute force on a subset
   data       data.py on the raw files: seconds and peak memory
   embed      embed.py's pipeline against the bare model forward on the same pre-tokenised batches
+  finetune   contrastive fine-tuning steps of the LM (--lm): items/s for each path (not by default)
 """
 import argparse
 import contextlib
@@ -214,6 +215,26 @@ def bench_embed(a):
             'pipeline_seconds': summary(pipe), 'bare_seconds': summary(forward)}
 
 
+def bench_finetune(a):
+    """Contrastive fine-tuning throughput (items/s, each item --views prompts) of each path."""
+    from data import load_processed
+    from embed import finetune, load_lm, prompt_subject
+    data = load_processed(a.data)
+    items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in data.read_jsonl('items.jsonl')]
+    res = {}
+    for path in a.ft_paths:                                        # 'full', 'last2' (last 2 blocks), 'lora'
+        tokenizer, model = load_lm(a.lm, a.dev)                    # fresh weights for each path
+        cfg = {'views': 2, 'drop': 0.2, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'lr': 5e-5, 'warmup': 0.1,
+               'seed': 0, 'max_length': a.embed_max_length, 'train_layers': int(path[4:]) if path.startswith('last') else 0,
+               'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': 0, 'temperature': 0.05}
+        _, report = finetune(model, tokenizer, items, cfg, a.dev)
+        res[path] = {'items_per_second': report['items_per_second'], 'seconds_per_step': report['seconds'] / a.ft_steps,
+                     'trainable_parameters': report['trainable_parameters']}
+    res['settings'] = {'lm': a.lm, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'views': 2,
+                       'max_length': a.embed_max_length}
+    return res
+
+
 def markdown(results):
     """The figures as a markdown table: medians, with min-max over repeats where there are several."""
     def spread(v):
@@ -239,6 +260,10 @@ def markdown(results):
     if 'data' in results:
         r = results['data']
         rows.append(('data.py: s, peak MiB', f'{spread(r["seconds"])}, {r["peak_rss_mib"]["median"]:.0f}'))
+    for path, r in results.get('finetune', {}).items():
+        if path != 'settings':
+            rows.append((f'fine-tuning, {results["finetune"]["settings"]["lm"]}, {path}: items/s, s/step',
+                         f'{r["items_per_second"]:.1f}, {r["seconds_per_step"]:.2f} ({r["trainable_parameters"]:,} trained)'))
     if 'embed' in results:
         r = results['embed']
         rows.append((f'embed, {r["texts"]} texts: pipeline / bare forward texts/s',
@@ -267,6 +292,9 @@ def main(argv=None):
     p.add_argument('--retrieval-users', type=int, default=200_000, help='users in the retrieval benchmark')
     p.add_argument('--embed-texts', type=int, default=1024, help='item prompts in the embed benchmark')
     p.add_argument('--embed-max-length', type=int, default=128, help='tokens per text in the embed benchmark')
+    p.add_argument('--ft-paths', nargs='+', default=['full', 'last2', 'lora'], help="fine-tuning paths: full, lastN, lora")
+    p.add_argument('--ft-steps', type=int, default=10, help='steps per fine-tuning path')
+    p.add_argument('--ft-batch-size', type=int, default=32, help='items per fine-tuning step')
     p.add_argument('--out', default='bench.json', help='JSON file for the figures')
     a = p.parse_args(argv)
     if a.threads:
@@ -275,7 +303,7 @@ def main(argv=None):
     from train import git_commit
     a.dev = pick_device(a.device)
     a.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if a.dev.type == 'cuda' else contextlib.nullcontext()
-    need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
+    need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'finetune': [a.data, a.lm], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
     results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
                'device': torch.cuda.get_device_name(a.dev) if a.dev.type == 'cuda' else 'cpu', 'commit': git_commit(),
                'command': ' '.join(['python', 'bench.py', *(argv if argv is not None else sys.argv[1:])])}

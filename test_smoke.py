@@ -945,3 +945,15 @@ def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, ca
         assert res['step'][kind]['llmesr_over_base_total'] > 0
     assert res['retrieval']['exact_on_subset'] and res['eval']['users'] == tiny.n_users
     assert '| step, bert4rec: LLM-ESR / base' in capsys.readouterr().out
+
+
+def test_bench_measures_each_fine_tuning_path(tiny, tmp_path):
+    pytest.importorskip('peft')
+    import bench
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    bench.main(['--data', tiny.folder, '--lm', lm, '--sections', 'finetune', '--ft-paths', 'full', 'last1', 'lora',
+                '--ft-steps', '2', '--ft-batch-size', '4', '--out', str(tmp_path / 'b.json')])
+    res = json.load(open(tmp_path / 'b.json'))['finetune']
+    trained = {p: res[p]['trainable_parameters'] for p in ('full', 'last1', 'lora')}
+    assert trained['full'] > trained['last1'] > trained['lora'] > 0 and res['lora']['items_per_second'] > 0
