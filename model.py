@@ -389,7 +389,7 @@ class Recommender(nn.Module):
                  for i in range(table.shape[1] // d)]              # each (B, L, d)
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
-            bias = attention_bias(seq)
+            bias = attention_bias(seq, causal=self.cfg.kind != 'bert4rec')  # as the encoder's own attention
             # as in the official code, each view's new sequence keeps the *other* view's values:
             # semantic queries over collaborative keys/values make the collaborative stream
             views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]

@@ -251,6 +251,10 @@ def test_bert4rec_sees_later_items_while_sasrec_and_gru4rec_do_not(method):
         a, b = m.user_states(seq), m.user_states(changed)
         assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
         assert not torch.allclose(a[:, 5:], b[:, 5:])
+        if method == 'llmesr' and kind != 'gru4rec':                # the cross-attention alone, too
+            m = small_model(method, kind=kind, n_layers=0)
+            a, b = m.user_states(seq), m.user_states(changed)
+            assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
 
 
 def test_bert4rec_scores_at_an_appended_mask_token():
