@@ -253,7 +253,7 @@ def train(args):
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, '
           f'{data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step_fn = torch.compile(model) if args.compile else model
+    step_fn = torch.compile(model, dynamic=True) if args.compile else model  # batch lengths vary: one graph for all
     # bf16 on CUDA for the training step only: evaluation stays float32, where ties count against the target
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
 
