@@ -252,7 +252,7 @@ def finetune(model, tokenizer, items, cfg, device):
     optimizer = torch.optim.AdamW([{'params': params}, {'params': [log_scale], 'weight_decay': 0.0}], lr=cfg['lr'])
     warmup = max(1, int(cfg['warmup'] * cfg['steps']))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (cfg['steps'] - s) / (cfg['steps'] - warmup)))
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (cfg['steps'] - s) / max(1, cfg['steps'] - warmup)))
     model.train()
     curve, started, queue = [], time.time(), []
     for step in tqdm(range(cfg['steps']), desc='fine-tuning', unit='step', file=sys.stderr, disable=None):
