@@ -165,6 +165,14 @@ def user_ndcg(run_folders, k=10):
     return ((ranks < k) / np.log2(ranks + 2)).mean(0)
 
 
+def group_of_run(run, group):
+    """(U,) bool: the test users of `group` for the data that `run` was trained on."""
+    from data import load_processed, read_json
+    config = read_json(os.path.join(run, 'results.json'), 'results', f'Train first: python train.py ... --out {run}')['config']
+    data = load_processed(config['data'])
+    return group_masks(data.target(1), data.head_items(), data.head_users())[group]
+
+
 def paired_test(a, b):
     """Paired comparison of per-user scores a and b (U,): mean difference, t statistic, two-sided p.
 
@@ -343,6 +351,7 @@ def main(argv=None):
     p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files, mean ± std over seeds, and stop')
     p.add_argument('--paired', nargs=2, metavar=('RUNS_A', 'RUNS_B'), help='paired test over users of test NDCG@10 (full ranking) '
                    'between two comma-separated lists of run folders (seeds averaged per user), and stop')
+    p.add_argument('--group', default='overall', choices=GROUPS, help='users that --paired compares')
     p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
     p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
     p.add_argument('--views', action='store_true', help="test HR@10 scored by the whole score, and by each view's half alone")
@@ -358,7 +367,9 @@ def main(argv=None):
         return
     if args.paired:
         a, b = (side.split(',') for side in args.paired)
-        print(json.dumps(paired_test(user_ndcg(a, args.ks[0]), user_ndcg(b, args.ks[0])), indent=1))
+        users = group_of_run(a[0], args.group)
+        print(json.dumps({'group': args.group, **paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])},
+                         indent=1))
         return
     if not args.run:
         p.error('give --run or --report')

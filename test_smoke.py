@@ -879,6 +879,15 @@ def test_view_report_halves_add_up_to_the_whole_score(tiny, tiny_runs, capsys):
     assert capsys.readouterr().out.count('half') == 2
 
 
+def test_paired_test_of_one_group_compares_only_its_users(tiny, tiny_runs, capsys):
+    for group in ('overall', 'tail_user'):
+        evaluation.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', group])
+        got = json.loads(capsys.readouterr().out)
+        masks = evaluation.group_masks(tiny.target(1), tiny.head_items(), tiny.head_users())
+        a, b = (evaluation.user_ndcg([r])[masks[group]] for r in (tiny_runs[1], tiny_runs[0]))
+        assert got['users'] == masks[group].sum() and math.isclose(got['mean_difference'], float((a - b).mean()), abs_tol=1e-12)
+
+
 def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)
     with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
