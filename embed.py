@@ -240,6 +240,9 @@ def finetune(model, tokenizer, items, cfg, device):
     if len(train_items) < cfg['batch_size']:
         raise DataError(f'--finetune: {len(train_items)} items left after {cfg["heldout"]} held out, fewer than one batch')
     before = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
+    if before:
+        print(f'view-to-view retrieval before tuning, {before["items"]} held-out items: acc@1 {before["acc@1"]:.3f}, '
+              f'acc@10 {before["acc@10"]:.3f}', flush=True)
     if cfg['lora']:
         model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
         if device.type == 'cuda':
@@ -276,6 +279,10 @@ def finetune(model, tokenizer, items, cfg, device):
         with torch.no_grad():
             log_scale.clamp_(max=float(np.log(100)))               # temperature >= 0.01, as CLIP
         curve.append({'step': step, 'loss': loss.item(), 'temperature': float(1 / log_scale.detach().exp())})
+        if (step + 1) % 25 == 0 or step + 1 == cfg['steps']:
+            print(f'fine-tuning step {step + 1}/{cfg["steps"]} | loss {np.mean([c["loss"] for c in curve[-25:]]):.4f} '
+                  f'| temperature {curve[-1]["temperature"]:.4f} | lr {schedule.get_last_lr()[0]:.2e} '
+                  f'| {(step + 1) * cfg["batch_size"] / (time.time() - started):.1f} items/s', flush=True)
     seconds = time.time() - started
     model.eval()
     after = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
