@@ -259,8 +259,8 @@ def finetune(model, tokenizer, items, cfg, device):
     model.train()
     curve, started, queue = [], time.time(), []
     for step in tqdm(range(cfg['steps']), desc='fine-tuning', unit='step', file=sys.stderr, disable=None):
-        if len(queue) < cfg['batch_size']:
-            queue += list(rng.permutation(len(train_items)))
+        if len(queue) < cfg['batch_size']:                         # a new pass; no item twice in a batch
+            queue = list(rng.permutation(len(train_items)))
         batch, queue = queue[:cfg['batch_size']], queue[cfg['batch_size']:]
         views = [attribute_views(*train_items[i], cfg['views'], cfg['drop'], rng) for i in batch]
         texts = [v[k] for k in range(cfg['views']) for v in views]  # view-major: (K * B,)
