@@ -300,7 +300,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     from model import pick_device
-    from train import git_commit
+    from data import git_commit
     a.dev = pick_device(a.device)
     a.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if a.dev.type == 'cuda' else contextlib.nullcontext()
     need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'finetune': [a.data, a.lm], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}

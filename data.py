@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -63,6 +64,18 @@ def sha256_file(path, chunk=1 << 20):
 
 def sha256_json(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def git_commit():
+    """The commit the code ran from, with '+dirty' if the tree had changes; None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ('+dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def write_json_atomic(path, obj):

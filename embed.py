@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, load_processed, read_json, render_item_prompt, replace_dir, sha256_file, sha256_json,
-                  write_json_atomic)
+from data import (DataError, git_commit, load_processed, read_json, render_item_prompt, replace_dir, sha256_file,
+                  sha256_json, write_json_atomic)
 from model import pick_device
 
 EMBED_VERSION = 1
@@ -414,7 +414,7 @@ def build(args):
     write_json_atomic(os.path.join(partial, 'manifest.json'), {
         **key, **tuned, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
         'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
-        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv)})
+        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv), 'commit': git_commit()})
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '

@@ -35,7 +35,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from data import DataError, load_processed, sha256_json, write_json_atomic
+from data import DataError, git_commit, load_processed, sha256_json, write_json_atomic
 from embed import load_embeddings
 from eval import evaluate, group_masks, markdown_table, trim, user_vectors
 from model import ModelConfig, Recommender, pick_device, similar_users
@@ -398,19 +398,6 @@ def test(args, config, data, model, state, device, commit):
         f.write(table)
     os.replace(tmp, os.path.join(args.out, 'results.md'))
     print(table)
-
-
-def git_commit():
-    """The commit the code ran from, with '+dirty' if the tree had changes; None outside git."""
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ('+dirty' if dirty else '')
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == '__main__':
