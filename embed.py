@@ -361,6 +361,7 @@ def main(argv=None):
 
 
 def build(args):
+    commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
     data = load_processed(args.data)
     item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
@@ -414,7 +415,7 @@ def build(args):
     write_json_atomic(os.path.join(partial, 'manifest.json'), {
         **key, **tuned, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
         'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
-        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv), 'commit': git_commit()})
+        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv), 'commit': commit})
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '
