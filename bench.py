@@ -224,13 +224,17 @@ def bench_finetune(a):
     res = {}
     for path in a.ft_paths:                                        # 'full', 'last2' (last 2 blocks), 'lora'
         tokenizer, model = load_lm(a.lm, a.dev)                    # fresh weights for each path
-        cfg = {'views': 2, 'drop': 0.2, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'lr': 5e-5, 'warmup': 0.1,
+        cfg = {'views': 2, 'drop': 0.2, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'lr': a.ft_lr, 'warmup': 0.1,
                'seed': 0, 'max_length': a.embed_max_length, 'train_layers': int(path[4:]) if path.startswith('last') else 0,
-               'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': 0, 'temperature': 0.05}
+               'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': a.ft_heldout,
+               'temperature': 0.05}
         _, report = finetune(model, tokenizer, items, cfg, a.dev)
         res[path] = {'items_per_second': report['items_per_second'], 'seconds_per_step': report['seconds'] / a.ft_steps,
-                     'trainable_parameters': report['trainable_parameters']}
-    res['settings'] = {'lm': a.lm, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'views': 2,
+                     'trainable_parameters': report['trainable_parameters'],
+                     'view_retrieval_before': report['view_retrieval_before'], 'view_retrieval_after': report['view_retrieval_after'],
+                     'loss_first_last': [report['loss_curve'][0]['loss'], report['loss_curve'][-1]['loss']]}
+    res['settings'] = {'lm': a.lm, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'views': 2, 'lr': a.ft_lr,
+                       'heldout': a.ft_heldout,
                        'max_length': a.embed_max_length}
     return res
 
@@ -264,6 +268,10 @@ def markdown(results):
         if path != 'settings':
             rows.append((f'fine-tuning, {results["finetune"]["settings"]["lm"]}, {path}: items/s, s/step',
                          f'{r["items_per_second"]:.1f}, {r["seconds_per_step"]:.2f} ({r["trainable_parameters"]:,} trained)'))
+            if r.get('view_retrieval_before'):
+                b, f = r['view_retrieval_before'], r['view_retrieval_after']
+                rows.append((f'fine-tuning, {path}: view-to-view acc@1, acc@10 on {b["items"]} held-out items, before -> after',
+                             f'{b["acc@1"]:.3f} -> {f["acc@1"]:.3f}, {b["acc@10"]:.3f} -> {f["acc@10"]:.3f}'))
     if 'embed' in results:
         r = results['embed']
         rows.append((f'embed, {r["texts"]} texts: pipeline / bare forward texts/s',
@@ -295,6 +303,8 @@ def main(argv=None):
     p.add_argument('--ft-paths', nargs='+', default=['full', 'last2', 'lora'], help="fine-tuning paths: full, lastN, lora")
     p.add_argument('--ft-steps', type=int, default=10, help='steps per fine-tuning path')
     p.add_argument('--ft-batch-size', type=int, default=32, help='items per fine-tuning step')
+    p.add_argument('--ft-lr', type=float, default=5e-5, help='fine-tuning learning rate')
+    p.add_argument('--ft-heldout', type=int, default=0, help='held-out items for view-to-view retrieval before/after (0: none)')
     p.add_argument('--out', default='bench.json', help='JSON file for the figures')
     a = p.parse_args(argv)
     if a.threads:
