@@ -218,6 +218,7 @@ def view_retrieval(model, tokenizer, items, max_length, batch_size, seed):
     """Held-out items -> accuracy@1 and @10: does one attribute-dropped view of an item find the
     other view of the same item among the second views of all held-out items (cosine)?"""
     rng = np.random.default_rng(seed)
+    # r fixed at the paper's 0.2, not --drop, so that tunings with different drop rates are measured alike
     first, second = zip(*(attribute_views(subject, attrs, 2, 0.2, rng) for subject, attrs in items))
     a, b = (F.normalize(torch.from_numpy(embed_texts(list(v), tokenizer, model, max_length, batch_size, 'views')), dim=1)
             for v in (first, second))

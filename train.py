@@ -25,12 +25,11 @@ sampler; all their states are saved in every checkpoint, so --resume continues t
 """
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
