@@ -137,15 +137,28 @@ def mean_std(values):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def inputs(result):
+    """The data and embedding folders a run read (names only: runs are grouped by their hashes)."""
+    c = result['config']
+    name = lambda p: os.path.basename(os.path.normpath(p)) if p else '?'  # noqa: E731
+    return name(c.get('data')) + (f', {name(c.get("emb"))}' if c.get('emb_id') else '')
+
+
 def report(paths, k=10):
-    """Markdown: per variant and protocol, HR@k and NDCG@k of every group as mean ± std over seeds."""
+    """Markdown: per variant and protocol, HR@k and NDCG@k of every group as mean ± std over seeds.
+
+    Seeds are pooled only when the runs read the same data and the same embeddings (by hash), so
+    runs on fine-tuned and frozen LM embeddings, or on two datasets, are never averaged together.
+    """
     runs = {}
     for path in paths:
         res = json.load(open(path))
-        runs.setdefault(variant(res['config']), []).append(res)
-    head = '| variant | seeds | protocol | ' + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |'
-    lines = [head, '|---|---:|---|' + '---:|' * (2 * len(GROUPS) + 1) + '---|']
-    for name, results in runs.items():
+        key = (variant(res['config']), inputs(res), res.get('data_fingerprint'), res['config'].get('emb_id'))
+        runs.setdefault(key, []).append(res)
+    head = ('| variant | data, embeddings | seeds | protocol | '
+            + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |')
+    lines = [head, '|---|---|---:|---|' + '---:|' * (2 * len(GROUPS) + 1) + '---|']
+    for (name, read, *_), results in runs.items():
         seeds = ', '.join(str(r['config']['seed']) for r in results)
         commits = ', '.join(sorted({(r.get('commit') or '?')[:7] for r in results}))
         seconds = np.median([s for r in results for s in r['epoch_seconds']])
@@ -155,7 +168,7 @@ def report(paths, k=10):
                 for metric in (f'HR@{k}', f'NDCG@{k}'):
                     m, sd = mean_std([r['test'][protocol][g][metric] for r in results])
                     cells.append(f'{m:.4f} ± {sd:.4f}' if len(results) > 1 else f'{m:.4f}')
-            lines.append(f'| {name} | {seeds} | {protocol} | {" | ".join(cells)} | {seconds:.1f} | {commits} |')
+            lines.append(f'| {name} | {read} | {seeds} | {protocol} | {" | ".join(cells)} | {seconds:.1f} | {commits} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -904,16 +904,18 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
         os.makedirs(folder)
         test = {p: {g: {'HR@10': hr, 'NDCG@10': hr / 2, 'users': 4} for g in evaluation.GROUPS} for p in ('full', 'sampled')}
         base = {'method': 'llmesr', 'backbone': 'sasrec', 'seed': seed, 'loss': 'bce', 'alpha': 0.1, 'adapter_layers': 2,
-                'teacher': 'table', 'no_cross': False}
+                'teacher': 'table', 'no_cross': False, 'data': 'processed/beauty', 'emb': 'emb/minilm', 'emb_id': 'e1'}
         json.dump({'test': test, 'config': {**base, **config}, 'epoch_seconds': [1.0], 'commit': 'abc1234'},
                   open(f'{folder}/results.json', 'w'))
         np.savez(f'{folder}/test_ranks.npz', full=np.array(ranks), sampled=np.array(ranks))
     fake_run(tmp_path / 'a1', 1, 0.2, [0, 3, 20, 1])
     fake_run(tmp_path / 'a2', 2, 0.4, [0, 1, 20, 5])
     fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)
-    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1')])
-    assert f'| llmesr (sasrec) | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
-    assert '| llmesr (sasrec), w/o cross-attention | 1 | full | 0.1000 | 0.0500 |' in table
+    fake_run(tmp_path / 'c3', 3, 0.8, [0, 0, 0, 0], emb='emb/minilm-cft', emb_id='e2')   # other embeddings
+    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'c3')])
+    assert f'| llmesr (sasrec) | beauty, minilm | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
+    assert '| llmesr (sasrec), w/o cross-attention | beauty, minilm | 1 | full | 0.1000 | 0.0500 |' in table
+    assert '| llmesr (sasrec) | beauty, minilm-cft | 3 | full | 0.8000 | 0.4000 |' in table
     a = evaluation.user_ndcg([str(tmp_path / 'a1'), str(tmp_path / 'a2')])
     assert math.isclose(a[1], (1 / math.log2(5) + 1 / math.log2(3)) / 2)
     b = np.array([0.1, 0.5, 0.3, 0.2])
