@@ -123,6 +123,7 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
     device = next(model.parameters()).device
     batches = length_sorted_batches(token_lengths(texts, tokenizer, max_length), batch_size)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if out is None else out
+    to_log = not sys.stderr.isatty()                          # tqdm draws no bar there: a line instead
     for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start, total=len(batches),
                   disable=None):                              # no bar when stderr is not a terminal
         batch = batches[b]
@@ -131,6 +132,8 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
         out[batch] = encode(model, enc['input_ids'].to(device), enc['attention_mask'].to(device)).cpu().numpy()
         if on_progress and ((b + 1) % every == 0 or b + 1 == len(batches)):
             on_progress(b + 1)
+        if to_log and (b + 1) % every == 0:
+            print(f'{desc}: {b + 1}/{len(batches)} batches', flush=True)
     if on_progress and start == len(batches):
         on_progress(start)
     return out
@@ -420,7 +423,7 @@ def build(args):
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '
-          f'in {seconds:.0f} s ({(len(items) + len(users)) / seconds:.0f} texts/s on {device})')
+          f'in {seconds:.0f} s ({(len(items) + len(users)) / seconds:.1f} texts/s on {device})')
 
 
 def tuned_model(args, ft, data, tokenizer, model, partial, resuming, device):
