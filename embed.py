@@ -396,9 +396,9 @@ def build(args):
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         progress = {'key': key, 'seconds': 0.0}
-    started, before = time.time(), progress['seconds']
-    if args.finetune:
+    if args.finetune:                                         # its time goes to finetune.json
         model = tuned_model(args, key['finetune'], data, tokenizer, model, partial, resuming, device)
+    started, before = time.time(), progress['seconds']
     arrays = {}
     for name, texts in (('items', item_texts), ('users', user_texts)):
         file = os.path.join(partial, f'{name}.npy')
