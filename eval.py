@@ -153,12 +153,13 @@ def report(paths, k=10):
     runs = {}
     for path in paths:
         res = json.load(open(path))
-        key = (variant(res['config']), inputs(res), res.get('data_fingerprint'), res['config'].get('emb_id'))
+        key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'))
         runs.setdefault(key, []).append(res)
     head = ('| variant | data, embeddings | seeds | protocol | '
             + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |')
     lines = [head, '|---|---|---:|---|' + '---:|' * (2 * len(GROUPS) + 1) + '---|']
-    for (name, read, *_), results in runs.items():
+    for (name, *_), results in runs.items():
+        read = inputs(results[0])
         seeds = ', '.join(str(r['config']['seed']) for r in results)
         commits = ', '.join(sorted({(r.get('commit') or '?')[:7] for r in results}))
         seconds = np.median([s for r in results for s in r['epoch_seconds']])
