@@ -41,6 +41,7 @@ class ModelConfig:
     semantic: bool = True         # keep the semantic (LM) view
     collaborative: bool = True    # keep the collaborative view
     cross: bool = True            # cross-attention between the views
+    cross_causal: bool = True     # False: the official mask (padding only; sees later items, the target among them)
     shared_encoder: bool = True   # one encoder for both views
     pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
     adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
@@ -325,7 +326,8 @@ class Recommender(nn.Module):
                             if cfg.adapter_layers == 2 else nn.Linear(d_llm, cfg.d))
         two = self.use_sem and self.use_co
         if two and cfg.cross:
-            # bias-free projections as in the official Multi_CrossAttention; causal, unlike the official
+            # bias-free projections as in the official Multi_CrossAttention; causal unless cfg.cross_causal
+            # is off (the official code masks only padding)
             self.sem_over_co = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
             self.co_over_sem = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
         self.encoder = SeqEncoder(cfg)
@@ -389,7 +391,9 @@ class Recommender(nn.Module):
                  for i in range(table.shape[1] // d)]              # each (B, L, d)
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
-            bias = attention_bias(seq, causal=self.cfg.kind != 'bert4rec')  # as the encoder's own attention
+            # as the encoder's own attention; with cross_causal off, as the official code: padding only,
+            # so at training time position t sees item t + 1, its own target (a diagnostic, not a fix)
+            bias = attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.cross_causal)
             # as in the official code, each view's new sequence keeps the *other* view's values:
             # semantic queries over collaborative keys/values make the collaborative stream
             views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]

@@ -255,6 +255,9 @@ def test_bert4rec_sees_later_items_while_sasrec_and_gru4rec_do_not(method):
             m = small_model(method, kind=kind, n_layers=0)
             a, b = m.user_states(seq), m.user_states(changed)
             assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
+            m = small_model(method, kind=kind, n_layers=0, cross_causal=False)  # the official mask: sees later items
+            a, b = m.user_states(seq), m.user_states(changed)
+            assert not torch.allclose(a[:, :5], b[:, :5], atol=1e-6), kind
 
 
 def test_bert4rec_scores_at_an_appended_mask_token():
@@ -650,6 +653,15 @@ def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
     train.main(args('16'))
     with pytest.raises(SystemExit, match=r"other settings: d=16 \(now 32\)"):
         train.main(args('32') + ['--resume'])
+    # a checkpoint from before a flag existed resumes when the flag is at its default, and only then
+    last = tmp_path / 'run' / 'last.pt'
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt['config']['cross_mask']
+    torch.save(ckpt, last)
+    with pytest.raises(SystemExit, match=r"other settings: cross_mask='causal' \(now 'padding'\)"):
+        train.main(args('16') + ['--resume', '--cross-mask', 'padding'])
+    train.main(args('16') + ['--resume', '--epochs', '2'])
+    assert json.load(open(tmp_path / 'run' / 'results.json'))['epochs_run'] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,6 +953,10 @@ def test_every_ablation_switch_changes_what_its_name_says():
     no_cross = small_model(cross=False)
     no_cross.load_state_dict(full.state_dict(), strict=False)        # the same weights but the cross-attention
     assert not torch.allclose(no_cross.user_states(seq), full.user_states(seq))
+    padding_mask = small_model(cross_causal=False)
+    assert names(padding_mask) == names(full)
+    padding_mask.load_state_dict(full.state_dict())                 # the same weights, only the mask differs
+    assert not torch.allclose(padding_mask.user_states(seq), full.user_states(seq))
     loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
     assert set(parts) == {'rec'}
 

@@ -45,6 +45,10 @@ class TrainingError(Exception):
 
 
 def get_args(argv=None):
+    return parser().parse_args(argv)
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', required=True, help='processed folder written by data.py')
     p.add_argument('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
@@ -74,6 +78,8 @@ def get_args(argv=None):
     p.add_argument('--no-semantic', action='store_true', help='ablation: drop the semantic view')
     p.add_argument('--no-collaborative', action='store_true', help='ablation: drop the collaborative view')
     p.add_argument('--no-cross', action='store_true', help='ablation: no cross-attention between the views')
+    p.add_argument('--cross-mask', default='causal', choices=['causal', 'padding'],
+                   help="cross-attention mask; 'padding' is the official code's, which lets position t see its own target item t + 1 in training (a diagnostic)")
     p.add_argument('--split-encoder', action='store_true', help='ablation: one encoder per view instead of a shared one')
     p.add_argument('--random-init', action='store_true', help='ablation: random instead of PCA initialisation of the collaborative table')
     p.add_argument('--adapter-layers', type=int, default=2, choices=[1, 2], help='adapter depth (ablation: 1)')
@@ -83,7 +89,7 @@ def get_args(argv=None):
     p.add_argument('--threads', type=int, default=0, help='CPU threads for torch (0: torch decides)')
     p.add_argument('--compile', action='store_true', help='torch.compile the training step (checkpoints stay un-compiled)')
     p.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
-    return p.parse_args(argv)
+    return p
 
 
 # settings that may differ between a run and its resumption
@@ -94,7 +100,8 @@ def model_config(config, n_items):
     return ModelConfig(n_items=n_items, method=config['method'], kind=config['backbone'], d=config['d'], max_len=config['max_len'],
                        n_layers=config['layers'], n_heads=config['heads'], dropout=config['dropout'],
                        semantic=not config['no_semantic'], collaborative=not config['no_collaborative'],
-                       cross=not config['no_cross'], shared_encoder=not config['split_encoder'],
+                       cross=not config['no_cross'], cross_causal=config.get('cross_mask', 'causal') == 'causal',
+                       shared_encoder=not config['split_encoder'],
                        pca_init=not config['random_init'], adapter_layers=config['adapter_layers'],
                        loss=config['loss'])
 
@@ -269,11 +276,12 @@ def train(args):
         if not os.path.exists(last_path):
             raise TrainingError(f'--resume: {last_path} does not exist; start without --resume.')
         ckpt = torch.load(last_path, map_location='cpu', weights_only=False)
-        changed = sorted(k for k in set(config) | set(ckpt['config'])
-                         if k not in RESUMABLE and config.get(k) != ckpt['config'].get(k))
+        # a flag added after the checkpoint was written counts at its default (new flags default to the old behaviour)
+        saved = {**{k: parser().get_default(k) for k in config}, **ckpt['config']}
+        changed = sorted(k for k in set(config) | set(saved) if k not in RESUMABLE and config.get(k) != saved.get(k))
         if changed:
             raise TrainingError(f'--resume: {last_path} was trained with other settings: ' +
-                                ', '.join(f'{k}={ckpt["config"].get(k)!r} (now {config.get(k)!r})' for k in changed) +
+                                ', '.join(f'{k}={saved.get(k)!r} (now {config.get(k)!r})' for k in changed) +
                                 '. Use the same flags, or a new --out.')
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
