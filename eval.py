@@ -357,6 +357,39 @@ def view_report(runs, batch_size, k=10):
     return '\n'.join(lines)
 
 
+@torch.no_grad()
+def attention_report(runs, batch_size):
+    """Text: where each two-view run's cross-attention looks from a user's newest test-input item.
+
+    Per stream and head, averaged over users with at least two items: the weight on the newest item
+    itself, on the item before it, and 1 / length, the weight of each item under uniform attention.
+    A stream whose weight on itself is near 1 passes its item through; near 1 / length, it averages.
+    """
+    lines = ['| run | stream (queries over keys, values) | head | on the item itself | on the item before | uniform (1 / length) |',
+             '|---|---|---:|---:|---:|---:|']
+    for name, (model, data, config, device) in runs.items():
+        if not (model.use_co and model.use_sem and model.cfg.cross):
+            continue
+        inputs = data.padded(1, config['max_len'])
+        inputs = inputs[(inputs != 0).sum(1) >= 2]
+        table = model.item_table()
+        sums = {}
+        for idx in batches_by_length(inputs, batch_size):
+            seq = torch.from_numpy(trim(inputs[idx])).to(device)
+            co, sem = model.embedded_views(seq, table, seq)
+            bias = model.cross_bias(seq)
+            length = (seq != 0).sum(1, keepdim=True).float()        # (B, 1)
+            for stream, w in [('collaborative (semantic over collaborative)', model.sem_over_co.weights(sem, co, bias)),
+                              ('semantic (collaborative over semantic)', model.co_over_sem.weights(co, sem, bias))]:
+                last = w[:, :, -1]                                 # (B, h, L) from the newest item
+                parts = torch.stack([last[..., -1], last[..., -2], (1 / length).expand_as(last[..., -1])])  # (3, B, h)
+                sums[stream] = sums.get(stream, 0) + parts.sum(1).cpu()
+        for stream, total in sums.items():
+            for head, (itself, before, uniform) in enumerate((total / len(inputs)).T.tolist()):
+                lines.append(f'| {name} | {stream} | {head} | {itself:.3f} | {before:.3f} | {uniform:.3f} |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     from data import DataError
     from train import load_run
@@ -370,6 +403,7 @@ def main(argv=None):
     p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
     p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
     p.add_argument('--views', action='store_true', help="test HR@10 scored by the whole score, and by each view's half alone")
+    p.add_argument('--attention', action='store_true', help="where the cross-attention looks from each user's newest item")
     p.add_argument('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
     p.add_argument('--seed', type=int, default=0, help="seed that picks the user of --show tail")
     p.add_argument('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
@@ -400,6 +434,9 @@ def main(argv=None):
             return
         if args.views:
             print(view_report(runs, args.batch_size))
+            return
+        if args.attention:
+            print(attention_report(runs, args.batch_size))
             return
     except DataError as e:
         sys.exit(f'error: {e}')

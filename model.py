@@ -114,11 +114,17 @@ class MultiHeadAttention(nn.Module):
         """
         B, L, d = x.shape
         h = self.n_heads
+        v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
+        weights = self.dropout(self.weights(x, context, bias))   # (B, h, L, L)
+        return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
+
+    def weights(self, x, context, bias):
+        """(B, h, L, L): how much each query position draws on each key position (rows sum to 1)."""
+        B, L, d = x.shape
+        h = self.n_heads
         q = (self.q(x) / math.sqrt(d // h)).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
         k = self.k(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
-        v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
-        weights = self.dropout((q @ k.transpose(-2, -1) + bias).softmax(-1))  # (B, h, L, L)
-        return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
+        return (q @ k.transpose(-2, -1) + bias).softmax(-1)
 
 
 def attention_mask(seq, causal=True):
@@ -384,16 +390,23 @@ class Recommender(nn.Module):
             parts.append(torch.cat([states[:, :1].expand(-1, L - cut, -1), states], dim=1))  # (b, L, D)
         return torch.cat(parts)[torch.cat(groups).argsort()]
 
+    def embedded_views(self, seq, table, rows):
+        """(B, L) ids, (n, D) table, (B, L) rows of the table -> one (B, L, d) input sequence per view."""
+        d = self.cfg.d
+        return [self.encoder.embed(table[rows, i * d:(i + 1) * d], seq) for i in range(table.shape[1] // d)]
+
+    def cross_bias(self, seq):
+        """(B, L) ids -> (B, 1, L, L) the cross-attention's mask, as attention_bias()."""
+        # as the encoder's own attention; with cross_causal off, as the official code: padding only,
+        # so at training time position t sees item t + 1, its own target (a diagnostic, not a fix)
+        return attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.cross_causal)
+
     def encode(self, seq, table, rows):
         """(B, L) ids, (n, D) table, (B, L) rows of the table -> (B, L, D), all rows at length L."""
-        d = self.cfg.d
-        views = [self.encoder.embed(table[rows, i * d:(i + 1) * d], seq)
-                 for i in range(table.shape[1] // d)]              # each (B, L, d)
+        views = self.embedded_views(seq, table, rows)              # each (B, L, d)
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
-            # as the encoder's own attention; with cross_causal off, as the official code: padding only,
-            # so at training time position t sees item t + 1, its own target (a diagnostic, not a fix)
-            bias = attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.cross_causal)
+            bias = self.cross_bias(seq)
             # as in the official code, each view's new sequence keeps the *other* view's values:
             # semantic queries over collaborative keys/values make the collaborative stream
             views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]

@@ -891,6 +891,26 @@ def test_view_report_halves_add_up_to_the_whole_score(tiny, tiny_runs, capsys):
     assert capsys.readouterr().out.count('half') == 2
 
 
+def test_attention_report_against_uniform_weights(tiny, tiny_runs, capsys):
+    run = train.load_run(tiny_runs[1])
+    model, d, config, _ = run
+    with torch.no_grad():
+        model.sem_over_co.q.weight.zero_()                          # equal scores: uniform over the allowed items
+    lines = evaluation.attention_report({'r': run}, 7).splitlines()[2:]
+    inputs = d.padded(1, config['max_len'])
+    lengths = (inputs != 0).sum(1)
+    uniform = (1 / lengths[lengths >= 2]).mean()
+    rows = [[float(x) for x in line.split('|')[4:7]] for line in lines]
+    assert len(rows) == 4                                           # two streams x two heads
+    for itself, before, share in rows[:2]:                          # the collaborative stream: uniform
+        assert math.isclose(share, uniform, abs_tol=6e-4) and math.isclose(itself, share, abs_tol=6e-4)
+        assert math.isclose(before, share, abs_tol=6e-4)
+    for itself, before, share in rows[2:]:                          # the semantic stream, as trained: shares of one
+        assert 0 <= itself and 0 <= before and itself + before <= 1.0005 and math.isclose(share, uniform, abs_tol=6e-4)
+    evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--attention'])
+    assert capsys.readouterr().out.count(tiny_runs[1]) == 4         # the one-view base run has no cross-attention
+
+
 def test_paired_test_of_one_group_compares_only_its_users(tiny, tiny_runs, capsys):
     for group in ('overall', 'tail_user'):
         evaluation.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', group])
