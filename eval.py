@@ -127,6 +127,7 @@ def variant(config):
         tags += ['one-layer adapter'] if config['adapter_layers'] == 1 else []
         tags += [f'{config["teacher"]} teachers'] if config['teacher'] != 'table' else []
         tags += ['padding-only cross-attention mask'] if config.get('cross_mask', 'causal') == 'padding' else []
+        tags += ['residual cross-attention'] if config.get('cross_residual') else []
     tags += [f'{config["loss"]} loss'] if config['loss'] != 'bce' else []
     tags += [f'length-sorted batches (pool {config["sort_pool"]})'] if config.get('sort_pool') else []
     return f'{config["method"]} ({config["backbone"]})' + ''.join(f', {t}' for t in tags)

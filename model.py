@@ -42,6 +42,7 @@ class ModelConfig:
     collaborative: bool = True    # keep the collaborative view
     cross: bool = True            # cross-attention between the views
     cross_causal: bool = True     # False: the official mask (padding only; sees later items, the target among them)
+    cross_residual: bool = False  # True: each stream is its own view plus the attention output (not official)
     shared_encoder: bool = True   # one encoder for both views
     pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
     adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
@@ -410,6 +411,8 @@ class Recommender(nn.Module):
             # as in the official code, each view's new sequence keeps the *other* view's values:
             # semantic queries over collaborative keys/values make the collaborative stream
             views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]
+            if self.cfg.cross_residual:                            # a variant: the views' own items kept
+                views = [co + views[0], sem + views[1]]
         if len(views) == 2 and self.encoder2 is not None:
             return torch.cat([self.encoder(views[0], seq), self.encoder2(views[1], seq)], dim=-1)
         # both views through the one shared encoder in a single batched pass

@@ -977,6 +977,13 @@ def test_every_ablation_switch_changes_what_its_name_says():
     assert names(padding_mask) == names(full)
     padding_mask.load_state_dict(full.state_dict())                 # the same weights, only the mask differs
     assert not torch.allclose(padding_mask.user_states(seq), full.user_states(seq))
+    residual = small_model(cross_residual=True)
+    residual.load_state_dict(full.state_dict())
+    with torch.no_grad():                                           # attention outputs zeroed: the views pass unmixed
+        for att in (residual.sem_over_co, residual.co_over_sem):
+            att.out.weight.zero_(), att.out.bias.zero_()
+    no_cross.load_state_dict(full.state_dict(), strict=False)
+    assert torch.allclose(residual.user_states(seq), no_cross.user_states(seq), atol=1e-6)
     loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
     assert set(parts) == {'rec'}
 

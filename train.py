@@ -78,6 +78,8 @@ def parser():
     p.add_argument('--no-semantic', action='store_true', help='ablation: drop the semantic view')
     p.add_argument('--no-collaborative', action='store_true', help='ablation: drop the collaborative view')
     p.add_argument('--no-cross', action='store_true', help='ablation: no cross-attention between the views')
+    p.add_argument('--cross-residual', action='store_true',
+                   help='variant, not official: each view keeps its own sequence and adds the cross-attention output to it')
     p.add_argument('--cross-mask', default='causal', choices=['causal', 'padding'],
                    help="cross-attention mask; 'padding' is the official code's, which lets position t see its own target item t + 1 in training (a diagnostic)")
     p.add_argument('--split-encoder', action='store_true', help='ablation: one encoder per view instead of a shared one')
@@ -101,6 +103,7 @@ def model_config(config, n_items):
                        n_layers=config['layers'], n_heads=config['heads'], dropout=config['dropout'],
                        semantic=not config['no_semantic'], collaborative=not config['no_collaborative'],
                        cross=not config['no_cross'], cross_causal=config.get('cross_mask', 'causal') == 'causal',
+                       cross_residual=config.get('cross_residual', False),
                        shared_encoder=not config['split_encoder'],
                        pca_init=not config['random_init'], adapter_layers=config['adapter_layers'],
                        loss=config['loss'])
