@@ -45,10 +45,6 @@ class TrainingError(Exception):
 
 
 def get_args(argv=None):
-    return parser().parse_args(argv)
-
-
-def parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', required=True, help='processed folder written by data.py')
     p.add_argument('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
@@ -91,7 +87,16 @@ def parser():
     p.add_argument('--threads', type=int, default=0, help='CPU threads for torch (0: torch decides)')
     p.add_argument('--compile', action='store_true', help='torch.compile the training step (checkpoints stay un-compiled)')
     p.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
-    return p
+    return p.parse_args(argv)
+
+
+def with_defaults(config):
+    """A saved run's config with every flag added since it was written at today's default.
+
+    New flags default to the old behaviour, so a run from before a flag existed reads as one with it
+    at its default: it resumes, loads and builds the same model.
+    """
+    return {**vars(get_args(['--data', config['data'], '--out', config['out']])), **config}
 
 
 # settings that may differ between a run and its resumption
@@ -102,8 +107,8 @@ def model_config(config, n_items):
     return ModelConfig(n_items=n_items, method=config['method'], kind=config['backbone'], d=config['d'], max_len=config['max_len'],
                        n_layers=config['layers'], n_heads=config['heads'], dropout=config['dropout'],
                        semantic=not config['no_semantic'], collaborative=not config['no_collaborative'],
-                       cross=not config['no_cross'], cross_causal=config.get('cross_mask', 'causal') == 'causal',
-                       cross_residual=config.get('cross_residual', False),
+                       cross=not config['no_cross'], cross_causal=config['cross_mask'] == 'causal',
+                       cross_residual=config['cross_residual'],
                        shared_encoder=not config['split_encoder'],
                        pca_init=not config['random_init'], adapter_layers=config['adapter_layers'],
                        loss=config['loss'])
@@ -133,15 +138,16 @@ def load_run(run, device='auto'):
         raise DataError(f'{path}: no checkpoint. Train first: `python train.py ... --out {run}`.')
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
     device = pick_device(device)
-    data, model, _, emb_id = build(ckpt['config'], device)
-    if 'emb_id' not in ckpt['config']:
-        print(f'warning: {run} predates the embedding identity check; {ckpt["config"]["emb"]} is taken as it is',
+    config = with_defaults(ckpt['config'])
+    data, model, _, emb_id = build(config, device)
+    if 'emb_id' not in config:
+        print(f'warning: {run} predates the embedding identity check; {config["emb"]} is taken as it is',
               file=sys.stderr)
-    elif ckpt['config']['emb_id'] != emb_id:
-        raise DataError(f'{ckpt["config"]["emb"]} holds other embeddings than {run} was trained on (another model, '
+    elif config['emb_id'] != emb_id:
+        raise DataError(f'{config["emb"]} holds other embeddings than {run} was trained on (another model, '
                         'length or prompts). Re-embed with the original settings, or train again.')
     model.load_state_dict(ckpt['model'])
-    return model.eval(), data, ckpt['config'], device
+    return model.eval(), data, config, device
 
 
 def save_atomic(obj, path):
@@ -279,8 +285,7 @@ def train(args):
         if not os.path.exists(last_path):
             raise TrainingError(f'--resume: {last_path} does not exist; start without --resume.')
         ckpt = torch.load(last_path, map_location='cpu', weights_only=False)
-        # a flag added after the checkpoint was written counts at its default (new flags default to the old behaviour)
-        saved = {**{k: parser().get_default(k) for k in config}, **ckpt['config']}
+        saved = with_defaults(ckpt['config'])
         changed = sorted(k for k in set(config) | set(saved) if k not in RESUMABLE and config.get(k) != saved.get(k))
         if changed:
             raise TrainingError(f'--resume: {last_path} was trained with other settings: ' +
