@@ -87,7 +87,7 @@ def bench_step(a):
     from embed import load_embeddings
     from eval import trim
     from model import ModelConfig, Recommender, similar_users
-    from train import epoch_batches, to_device, training_batch
+    from train import epoch_batches, negatives_for, to_device, training_batch
     data = load_processed(a.data)
     llm_items, llm_users, _ = load_embeddings(a.emb, data)
     rows_all = data.padded(2, a.max_len + 1)
@@ -108,7 +108,9 @@ def bench_step(a):
             rows = torch.from_numpy(trim(rows_all[idx], least=2))
             for method, (m, optimizer) in models.items():
                 t = time.perf_counter()
-                seq, pos, neg = (to_device(x, a.dev) for x in training_batch(rows, kind, data.n_items, 0.6, a.max_len, gen))
+                seq, pos, history = training_batch(rows, kind, data.n_items, 0.6, a.max_len, gen)
+                neg = negatives_for('bce', pos, history, data.n_items, 0, gen)
+                seq, pos, neg = (to_device(x, a.dev) for x in (seq, pos, neg))
                 teacher = table[similar[idx].to(a.dev)].mean(1) if method == 'llmesr' else None
                 with a.autocast:
                     loss, _ = m(seq, pos, neg, teacher, 0.1)

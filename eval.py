@@ -3,8 +3,9 @@
     python eval.py --run runs/beauty-llmesr              # re-evaluate a saved run's best checkpoint
     python eval.py --report results/beauty/*.json        # a markdown table of finished runs
 
-Full ranking scores the target against every item (history included: a repeated item can be the
-target). The sampled protocol scores it against the user's stored negatives (data.py draws them
+Full ranking scores the target against every item but padding and, unless the run was trained
+with --keep-history, the items of the user's input sequence, as RecBole and most papers do (a
+target among them is hidden too and so missed; on Beauty no target is). The sampled protocol scores it against the user's stored negatives (data.py draws them
 once per user, uniformly from items the user never touched). Either way a tie with the target
 counts against it, so a model that scores everything equally ranks the target last, not first.
 
@@ -50,10 +51,11 @@ def user_vectors(model, inputs, batch_size, device):
 
 
 @torch.no_grad()
-def rank_targets(model, inputs, targets, negatives, batch_size, device):
+def rank_targets(model, inputs, targets, negatives, batch_size, device, mask_history=True):
     """0-based rank of each user's target, and the user vectors that scored it.
 
-    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids ->
+    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids; mask_history hides the
+    input items from full ranking (the target excepted) ->
     (full (U,) int64, sampled (U,) int64, vectors (U, D) float32 tensor on the CPU).
     """
     model.eval()
@@ -66,12 +68,11 @@ def rank_targets(model, inputs, targets, negatives, batch_size, device):
         users = model.user_vectors(seq, table)                     # (B, D)
         vectors[idx] = users.float().cpu()
         scores = users @ table.T                                   # (B, n_items + 1)
-        scores[:, 0] = -float('inf')                               # padding is never recommended
-        target = torch.from_numpy(targets[idx]).to(device)
-        t = scores.gather(1, target[:, None])                      # (B, 1)
-        full[idx] = ((scores >= t).sum(1) - 1).cpu().numpy()       # ties count against the target
+        target = torch.from_numpy(targets[idx]).to(device)[:, None]  # (B, 1)
         neg = scores.gather(1, torch.from_numpy(negatives[idx]).long().to(device))  # (B, n_neg)
-        sampled[idx] = (neg >= t).sum(1).cpu().numpy()
+        sampled[idx] = (neg >= scores.gather(1, target)).sum(1).cpu().numpy()  # ties count against the target
+        scores = hide(scores, seq, mask_history)
+        full[idx] = ((scores >= scores.gather(1, target)).sum(1) - 1).cpu().numpy()
     return full, sampled, vectors
 
 
@@ -93,9 +94,18 @@ def group_masks(targets, head_items, head_users):
             'tail_user': ~head_users, 'head_user': head_users}
 
 
-def evaluate(model, inputs, targets, negatives, groups, ks, batch_size, device):
+def hide(scores, seq, mask_history):
+    """(B, n_items + 1) scores, (B, L) inputs -> the scores, -inf (in place) at padding and, with
+    mask_history, at the inputs: a hidden target ranks last, as in RecBole."""
+    if mask_history:
+        scores.scatter_(1, seq, -float('inf'))
+    scores[:, 0] = -float('inf')                                   # padding is never recommended
+    return scores
+
+
+def evaluate(model, inputs, targets, negatives, groups, ks, batch_size, device, mask_history=True):
     """-> ({'full'|'sampled': {group: {metric: value}}}, {'full'|'sampled': ranks (U,)}, user vectors (U, D))"""
-    full, sampled, vectors = rank_targets(model, inputs, targets, negatives, batch_size, device)
+    full, sampled, vectors = rank_targets(model, inputs, targets, negatives, batch_size, device, mask_history)
     ranks = {'full': full, 'sampled': sampled}
     results = {protocol: {g: {'users': int(m.sum()), **metrics(r[m], ks)} for g, m in groups.items()}
                for protocol, r in ranks.items()}
@@ -127,8 +137,12 @@ def variant(config):
         tags += ['one-layer adapter'] if config['adapter_layers'] == 1 else []
         tags += [f'{config["teacher"]} teachers'] if config['teacher'] != 'table' else []
         tags += ['padding-only cross-attention mask'] if config.get('cross_mask', 'causal') == 'padding' else []
+        tags += ['official LM scale'] if config.get('lm_scale', 'xavier') == 'official' else []
         tags += ['residual cross-attention'] if config.get('cross_residual') else []
     tags += [f'{config["loss"]} loss'] if config['loss'] != 'bce' else []
+    tags += [f'{config["negatives"]} negatives'] if config['loss'] == 'sampled' else []
+    tags += ['official attention'] if config.get('attention', 'causal') == 'official' else []
+    tags += ['history kept'] if not config.get('mask_history', False) else []  # runs before the flag kept it
     tags += [f'length-sorted batches (pool {config["sort_pool"]})'] if config.get('sort_pool') else []
     return f'{config["method"]} ({config["backbone"]})' + ''.join(f', {t}' for t in tags)
 
@@ -155,7 +169,8 @@ def report(paths, k=10):
     runs = {}
     for path in paths:
         res = json.load(open(path))
-        key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'))
+        key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'),
+               res['config'].get('mask_history', False))
         runs.setdefault(key, []).append(res)
     head = ('| variant | data, embeddings | seeds | protocol | '
             + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |')
@@ -205,14 +220,14 @@ def paired_test(a, b):
 
 
 @torch.no_grad()
-def recommend(model, inputs, k, batch_size, device):
+def recommend(model, inputs, k, batch_size, device, mask_history=True):
     """(U, L) inputs -> (items (U, k) int64, scores (U, k) float32): each user's top k, best first."""
     model.eval()
     table = model.item_table()
     items, scores = np.zeros((len(inputs), k), dtype=np.int64), np.zeros((len(inputs), k), dtype=np.float32)
     for idx in batches_by_length(inputs, batch_size):
-        s = model.user_vectors(torch.from_numpy(trim(inputs[idx])).to(device), table) @ table.T
-        s[:, 0] = -float('inf')
+        seq = torch.from_numpy(trim(inputs[idx])).to(device)
+        s = hide(model.user_vectors(seq, table) @ table.T, seq, mask_history)
         top = s.topk(k, dim=1)
         items[idx], scores[idx] = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
     return items, scores
@@ -268,8 +283,9 @@ def show_runs(runs, who, seed, batch_size, k=10):
     columns = []
     for name, (model, data, config, device) in runs.items():
         inputs = data.padded(1, config['max_len'])[user:user + 1]
-        full, _, _ = rank_targets(model, inputs, history[-1:].astype(np.int64), data.eval_negatives[user:user + 1], 1, device)
-        items, scores = recommend(model, inputs, k, 1, device)
+        full, _, _ = rank_targets(model, inputs, history[-1:].astype(np.int64), data.eval_negatives[user:user + 1], 1, device,
+                                  config['mask_history'])
+        items, scores = recommend(model, inputs, k, 1, device, config['mask_history'])
         tail = int((~head[items[0]]).sum())
         columns.append([f'{name}: target rank {full[0] + 1}, {tail} of {k} tail items'] +
                        [f'{r + 1:>2}. {describe(i, titles, pop, head, 44)} {s:.2f}' + (' <- target' if i == history[-1] else '')
@@ -290,8 +306,8 @@ def plot_runs(runs, path, n_buckets, batch_size, k=10):
                        '|---|' + '---:|' * (n_buckets + 1)]
     for name, (model, data, config, device) in runs.items():
         inputs = data.padded(1, config['max_len'])
-        full, _, _ = rank_targets(model, inputs, targets, data.eval_negatives, batch_size, device)
-        items, _ = recommend(model, inputs, k, batch_size, device)
+        full, _, _ = rank_targets(model, inputs, targets, data.eval_negatives, batch_size, device, config['mask_history'])
+        items, _ = recommend(model, inputs, k, batch_size, device, config['mask_history'])
         rows[name] = (bucket_metrics(full, targets, bucket, n_buckets, k), float((~head[items]).mean()))
         table.append(f'| {name} | ' + ' | '.join(f'{m[f"HR@{k}"]:.4f} / {m[f"NDCG@{k}"]:.4f}' for m in rows[name][0]) +
                      f' | {rows[name][1]:.3f} |')
@@ -445,7 +461,8 @@ def main(argv=None):
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(targets, data.head_items(), data.head_users())
-    results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size, device)
+    results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size, device,
+                             config['mask_history'])
     print(markdown_table(results, args.ks, f'{args.run} ({args.split})'))
     print(json.dumps(results))
 

@@ -41,12 +41,20 @@ class ModelConfig:
     semantic: bool = True         # keep the semantic (LM) view
     collaborative: bool = True    # keep the collaborative view
     cross: bool = True            # cross-attention between the views
-    cross_causal: bool = True     # False: the official mask (padding only; sees later items, the target among them)
     cross_residual: bool = False  # True: each stream is its own view plus the attention output (not official)
     shared_encoder: bool = True   # one encoder for both views
     pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
     adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
-    loss: str = 'bce'             # 'bce': one sampled negative per position (official), 'ce': all items
+    # 'causal': no position sees a later one. 'official': as the official code, self- and cross-attention
+    # see every item of the sequence, so in training position t sees item t + 1, its own target
+    attention: str = 'causal'
+    # 'xavier': LM and PCA tables rescaled to the std of a xavier-initialised table. 'official': the
+    # semantic view reads unit-length LM rows and the collaborative table is their unscaled PCA
+    lm_scale: str = 'xavier'
+    # 'bce': one sampled negative per position (official); 'ce': softmax over all items;
+    # 'sampled': softmax over the target and `negatives` uniform items, log-Q corrected
+    loss: str = 'bce'
+    negatives: int = 256
 
 
 def pick_device(name):
@@ -198,8 +206,10 @@ class SeqEncoder(nn.Module):
       gru4rec   one bias-free GRU layer over the item embeddings, no positions, no dropout
                 (as the official GRU4Rec)
 
-    Departure: the official LLM-ESR SASRec masks only padding, so position t attends to position
-    t + 1, whose item is t's training target. This encoder is causal.
+    Departure: the official LLM-ESR SASRec has no attention mask at all (its causal mask is
+    commented out), so in training position t attends to item t + 1, its own target. This encoder
+    is causal unless cfg.attention == 'official'; then it sees every item, but never padding keys,
+    which the official code also attends to (zero inputs whose count depends on the padding).
 
     Positions count back from the most recent item (0 = newest). With left padding this is what
     the official absolute positions amount to at the full length, and it makes the output
@@ -211,6 +221,7 @@ class SeqEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.kind = cfg.kind
+        self.causal = cfg.kind == 'sasrec' and cfg.attention == 'causal'
         if cfg.kind == 'gru4rec':
             self.gru = nn.GRU(cfg.d, cfg.d, num_layers=1, bias=False, batch_first=True)
             return
@@ -236,7 +247,7 @@ class SeqEncoder(nn.Module):
         if self.kind == 'gru4rec':
             return self.gru_over_items(x, seq)
         keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
-        bias = attention_bias(seq, causal=self.kind == 'sasrec')
+        bias = attention_bias(seq, causal=self.causal)
         for block in self.blocks:
             x = block(x, bias) * keep
         return self.ln(x)
@@ -310,21 +321,24 @@ class Recommender(nn.Module):
         self.mask_id = cfg.n_items + 1 if cfg.kind == 'bert4rec' else None
         rows = cfg.n_items + 1 + (self.mask_id is not None)         # padding, items, the mask token
 
-        # Departure: every item table starts at the scale of SASRec's xavier-initialised table (the
-        # PCA output and the LM table rescaled, their geometry kept). Unscaled MiniLM tables start
-        # ~15x larger, saturate the BCE logits and overfit within two epochs on Beauty.
         std = math.sqrt(2 / (cfg.n_items + 1 + cfg.d))               # xavier-normal std of the table
+        # The official tables: unit-length LM rows (ada-002 returns them so) and their PCA, unscaled.
+        # Departure, cfg.lm_scale == 'xavier': both rescaled to the std of SASRec's xavier-initialised
+        # table, their geometry kept; unscaled MiniLM tables start ~15x larger than it.
+        official = cfg.lm_scale == 'official'
+        scaled = lambda t: t if official else t * (std / t.std().clamp(min=1e-12))  # noqa: E731
+        if llm_items is not None:
+            llm_items = torch.as_tensor(llm_items).float()
+            llm_items = F.normalize(llm_items, dim=1) if official else llm_items
         if self.use_co:
             self.co_items = nn.Embedding(rows, cfg.d, padding_idx=0)
             if cfg.method == 'llminit' or (llm and cfg.pca_init):
-                reduced = pca(torch.as_tensor(llm_items), cfg.d)
-                self.co_items.weight.data[:cfg.n_items + 1] = pad(reduced * (std / reduced.std().clamp(min=1e-12)))
+                self.co_items.weight.data[:cfg.n_items + 1] = pad(scaled(pca(llm_items, cfg.d)))
                 self.co_items.weight.data[cfg.n_items + 1:].normal_(0, std)  # the mask token, if any
             else:
                 nn.init.xavier_normal_(self.co_items.weight.data[1:])
         if self.use_sem:
-            table = torch.as_tensor(llm_items).float()
-            self.register_buffer('llm_items', pad(table * (std / table.std().clamp(min=1e-12))), persistent=False)
+            self.register_buffer('llm_items', pad(scaled(llm_items)), persistent=False)
             d_llm = self.llm_items.shape[1]
             if self.mask_id is not None:
                 self.llm_mask = nn.Parameter(torch.randn(d_llm) * std)  # (d_llm,) the mask token's LM vector
@@ -333,8 +347,7 @@ class Recommender(nn.Module):
                             if cfg.adapter_layers == 2 else nn.Linear(d_llm, cfg.d))
         two = self.use_sem and self.use_co
         if two and cfg.cross:
-            # bias-free projections as in the official Multi_CrossAttention; causal unless cfg.cross_causal
-            # is off (the official code masks only padding)
+            # bias-free projections as in the official Multi_CrossAttention
             self.sem_over_co = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
             self.co_over_sem = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
         self.encoder = SeqEncoder(cfg)
@@ -398,9 +411,9 @@ class Recommender(nn.Module):
 
     def cross_bias(self, seq):
         """(B, L) ids -> (B, 1, L, L) the cross-attention's mask, as attention_bias()."""
-        # as the encoder's own attention; with cross_causal off, as the official code: padding only,
-        # so at training time position t sees item t + 1, its own target (a diagnostic, not a fix)
-        return attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.cross_causal)
+        # causal for SASRec and GRU4Rec; with cfg.attention == 'official', padding keys only, as the
+        # official code, so in training position t sees item t + 1, its own target
+        return attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.attention == 'causal')
 
     def encode(self, seq, table, rows):
         """(B, L) ids, (n, D) table, (B, L) rows of the table -> (B, L, D), all rows at length L."""
@@ -439,24 +452,33 @@ class Recommender(nn.Module):
     def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
         """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
 
-        The next-item loss is BCE with one sampled negative per position (`neg`, as in the official
-        code) or, with cfg.loss == 'ce', cross-entropy over all items (then `neg` is unused).
+        `neg` depends on cfg.loss: 'bce', (B, L) one negative per position (the official loss);
+        'sampled', (K,) negatives shared by the batch; 'ce', None (every item is a negative).
         """
         valid = pos != 0
         if self.cfg.loss == 'ce':
-            table = self.item_table()
+            table = self.item_table()                              # (n_items + 1, D)
             states = self.user_states(seq, self.with_mask(table))  # (B, L, D)
-            logits = states[valid] @ table[1:].T                   # (N, n_items)
-            rec = F.cross_entropy(logits, pos[valid] - 1)
+            rec = F.cross_entropy(states[valid] @ table[1:].T, pos[valid] - 1)  # (N, n_items) logits
         else:
             # only the items this batch touches go through the adapter: a few thousand, not all
-            ids, rows = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+            ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]), return_inverse=True)
+            seq_rows, pos_rows, neg_rows = rows.split([seq.numel(), pos.numel(), neg.numel()])
             table = self.item_table(ids)                           # (n_unique, D)
-            states = self.user_states(seq, table, rows[0])         # (B, L, D)
-            pos_logits = (states * table[rows[1]]).sum(-1)[valid]  # (N,)
-            neg_logits = (states * table[rows[2]]).sum(-1)[valid]  # (N,)
-            rec = (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
-                   F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
+            states = self.user_states(seq, table, seq_rows.view_as(seq))  # (B, L, D)
+            users = states[valid]                                  # (N, D)
+            pos_logits = (users * table[pos_rows.view_as(pos)[valid]]).sum(-1)  # (N,)
+            if self.cfg.loss == 'bce':
+                neg_logits = (users * table[neg_rows.view_as(neg)[valid]]).sum(-1)  # (N,)
+                rec = (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
+                       F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
+            else:
+                # log-Q correction: a negative drawn with probability q stands for 1 / (K q) items, so
+                # its logit gets - log(K q) and the sum over the K draws estimates the sum over all
+                # items (uniform draws: q = 1 / n_items). A draw equal to the target is no negative.
+                neg_logits = users @ table[neg_rows].T - math.log(len(neg) / self.cfg.n_items)  # (N, K)
+                neg_logits = neg_logits.masked_fill(neg[None] == pos[valid][:, None], -float('inf'))
+                rec = -torch.cat([pos_logits[:, None], neg_logits], 1).log_softmax(1)[:, 0].mean()
         parts = {'rec': rec.detach()}
         loss = rec
         if teacher is not None:

@@ -255,7 +255,7 @@ def test_bert4rec_sees_later_items_while_sasrec_and_gru4rec_do_not(method):
             m = small_model(method, kind=kind, n_layers=0)
             a, b = m.user_states(seq), m.user_states(changed)
             assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
-            m = small_model(method, kind=kind, n_layers=0, cross_causal=False)  # the official mask: sees later items
+            m = small_model(method, kind=kind, n_layers=0, attention='official')  # the official mask: sees later items
             a, b = m.user_states(seq), m.user_states(changed)
             assert not torch.allclose(a[:, :5], b[:, :5], atol=1e-6), kind
 
@@ -273,12 +273,16 @@ def test_bert4rec_scores_at_an_appended_mask_token():
 def test_training_batches_per_backbone():
     rows = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 7, 8, 9, 10]])
     gen = torch.Generator().manual_seed(0)
-    seq, pos, neg = train.training_batch(rows, 'sasrec', 30, 0.6, 20, gen)
+
+    def batch(rows, kind, n_items, mask_prob, max_len, gen):
+        seq, pos, history = train.training_batch(rows, kind, n_items, mask_prob, max_len, gen)
+        return seq, pos, train.negatives_for('bce', pos, history, n_items, 0, gen)
+    seq, pos, neg = batch(rows, 'sasrec', 30, 0.6, 20, gen)
     assert torch.equal(seq, rows[:, :-1]) and torch.equal(pos, rows[:, 1:])
     assert torch.equal(neg != 0, pos != 0) and not ((neg[:, :, None] == rows[:, None, :]) & (rows != 0)[:, None]).any()
-    seq, pos, neg = train.training_batch(rows, 'gru4rec', 30, 0.6, 20, gen)
+    seq, pos, neg = batch(rows, 'gru4rec', 30, 0.6, 20, gen)
     assert torch.equal(pos[:, -1], rows[:, -1]) and not pos[:, :-1].any() and torch.equal(neg != 0, pos != 0)
-    seq, pos, neg = train.training_batch(rows, 'bert4rec', 30, 0.6, 4, gen)
+    seq, pos, neg = batch(rows, 'bert4rec', 30, 0.6, 4, gen)
     assert seq.shape == (6, 4)                                     # two rows per user, cut to max_len
     assert torch.equal(seq[:3, -1], torch.full((3,), 31)) and torch.equal(pos[:3, -1], rows[:, -1])
     assert not pos[:3, :-1].any()
@@ -288,7 +292,7 @@ def test_training_batches_per_backbone():
     assert torch.equal(neg != 0, pos != 0)
     # over many windows, about mask_prob of the items are targets and 80% of those the mask token
     many = torch.randint(1, 30, (2000, 11))
-    seq, pos, _ = train.training_batch(many, 'bert4rec', 30, 0.6, 10, gen)
+    seq, pos, _ = batch(many, 'bert4rec', 30, 0.6, 10, gen)
     chosen = pos[2000:] != 0
     assert abs(chosen.float().mean().item() - 0.6) < 0.01
     assert abs((seq[2000:][chosen] == 31).float().mean().item() - 0.8) < 0.01
@@ -371,7 +375,8 @@ class Fixed(torch.nn.Module):
 def test_ties_count_against_the_target():
     scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5], [0.0, 2.0, 1.0, 3.0, 0.0]])
     inputs = np.array([[100], [101]])                              # user u is encoded as item 100 + u
-    full, sampled, _ = evaluation.rank_targets(Fixed(scores), inputs, np.array([1, 1]), np.array([[2, 4], [2, 4]]), 8, 'cpu')
+    full, sampled, _ = evaluation.rank_targets(Fixed(scores), inputs, np.array([1, 1]), np.array([[2, 4], [2, 4]]), 8, 'cpu',
+                                               mask_history=False)
     assert full.tolist() == [2, 1] and sampled.tolist() == [1, 0]
 
 
@@ -531,12 +536,91 @@ def test_tiny_model_overfits_one_batch(tiny, kind):
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(100):
-        loss, _ = m(*train.training_batch(rows, kind, tiny.n_items, 0.6, 10, gen))
+        seq, pos, history = train.training_batch(rows, kind, tiny.n_items, 0.6, 10, gen)
+        loss, _ = m(seq, pos, train.sample_negatives(pos, history, tiny.n_items, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
+@pytest.mark.parametrize('method', ['base', 'llminit', 'llmesr'])
+def test_every_loss_trains_every_backbone_and_method(method, kind):
+    rows = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 7, 8, 9, 10, 11]])
+    gen = torch.Generator().manual_seed(0)
+    for loss in ('bce', 'ce', 'sampled'):
+        m = small_model(method, kind=kind, loss=loss, negatives=7).train()
+        seq, pos, history = train.training_batch(rows, kind, 30, 0.6, 5, gen)
+        value, _ = m(seq, pos, train.negatives_for(loss, pos, history, 30, 7, gen))
+        value.backward()
+        assert torch.isfinite(value) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_sampled_softmax_against_written_out_losses():
+    m = small_model('llmesr', loss='sampled')
+    seq = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
+    pos = torch.tensor([[0, 4, 5, 6], [7, 8, 9, 10]])
+    users = m.user_states(seq)[pos != 0]                            # (N, D)
+    table, targets = m.item_table(), pos[pos != 0]
+    # every item drawn once, the target among them: the log-Q term is 0 and the loss is the full softmax
+    every = torch.arange(1, 31)
+    loss, _ = m(seq, pos, every)
+    assert torch.allclose(loss, F.cross_entropy(users @ table[1:].T, targets - 1), atol=1e-5)
+    # three draws stand for 10 items each: each negative counts 10 times in the partition sum
+    neg = torch.tensor([1, 2, 5])
+    loss, _ = m(seq, pos, neg)
+    expected = []
+    for u, t in zip(users, targets.tolist()):
+        others = [u @ table[j] for j in neg.tolist() if j != t]       # a draw equal to the target is dropped
+        partition = torch.exp(u @ table[t]) + 10 * sum(torch.exp(s) for s in others)
+        expected.append(torch.log(partition) - u @ table[t])
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['base', 'llmesr'])
+def test_official_attention_lets_a_position_see_the_next_item(method):
+    """Under 'official', changing item t + 1 changes position t's state (its training target leaks); not under 'causal'."""
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7]])
+    changed = seq.clone()
+    changed[0, 5] = 9                                               # item t + 1 of position t = 4
+    for attention, leaks in [('causal', False), ('official', True)]:
+        m = small_model(method, attention=attention)
+        a, b = m.user_states(seq), m.user_states(changed)
+        assert (not torch.allclose(a[:, 4], b[:, 4], atol=1e-6)) == leaks, attention
+        padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), seq], 1)  # padding keys stay hidden
+        assert torch.allclose(m.user_states(padded)[:, 5:], a, atol=1e-5), attention
+
+
+def test_official_lm_scale_reads_unit_rows_and_unscaled_pca():
+    torch.manual_seed(1)
+    lm = torch.randn(30, 12) * 3
+    official = M.Recommender(M.ModelConfig(n_items=30, d=8, lm_scale='official'), lm)
+    unit = F.normalize(lm, dim=1)
+    assert torch.allclose(official.llm_items[1:], unit) and torch.allclose(official.co_items.weight[1:], M.pca(unit, 8))
+    xavier = M.Recommender(M.ModelConfig(n_items=30, d=8), lm)
+    std = math.sqrt(2 / (31 + 8))
+    assert abs(xavier.llm_items[1:].std().item() - std) < 1e-4 and abs(xavier.co_items.weight[1:].std().item() - std) < 1e-4
+    assert torch.allclose(F.normalize(xavier.co_items.weight[1:], dim=1), F.normalize(M.pca(lm, 8), dim=1), atol=1e-5)
+
+
+def test_full_ranking_hides_the_inputs_and_so_a_repeated_target():
+    class ById(torch.nn.Module):                                    # scores item i as i: item 9 is best
+        def item_table(self):
+            return torch.arange(10.0)[:, None]
+
+        def user_vectors(self, seq, table=None):
+            return torch.ones(len(seq), 1)
+    inputs = np.array([[0, 9, 8], [7, 9, 5]])
+    targets = np.array([6, 9])                                      # the second user's target is among its inputs
+    negatives = np.array([[1, 2], [1, 2]])
+    kept, sampled_kept, _ = evaluation.rank_targets(ById(), inputs, targets, negatives, 2, 'cpu', mask_history=False)
+    hidden, sampled_hidden, _ = evaluation.rank_targets(ById(), inputs, targets, negatives, 2, 'cpu')
+    assert kept.tolist() == [3, 0] and hidden.tolist() == [1, 9]  # 9, 8, 7 above 6; with 9, 8 hidden only 7
+    assert np.array_equal(sampled_kept, sampled_hidden)            # the 100-negative protocol is unchanged
+    top, _ = evaluation.recommend(ById(), inputs, 2, 2, 'cpu')
+    assert top.tolist() == [[7, 6], [8, 6]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,10 +740,10 @@ def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
     # a checkpoint from before a flag existed resumes when the flag is at its default, and only then
     last = tmp_path / 'run' / 'last.pt'
     ckpt = torch.load(last, weights_only=False)
-    del ckpt['config']['cross_mask']
+    del ckpt['config']['attention']
     torch.save(ckpt, last)
-    with pytest.raises(SystemExit, match=r"other settings: cross_mask='causal' \(now 'padding'\)"):
-        train.main(args('16') + ['--resume', '--cross-mask', 'padding'])
+    with pytest.raises(SystemExit, match=r"other settings: attention='causal' \(now 'official'\)"):
+        train.main(args('16') + ['--resume', '--attention', 'official'])
     train.main(args('16') + ['--resume', '--epochs', '2'])
     assert json.load(open(tmp_path / 'run' / 'results.json'))['epochs_run'] == 2
 
@@ -936,6 +1020,7 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
         os.makedirs(folder)
         test = {p: {g: {'HR@10': hr, 'NDCG@10': hr / 2, 'users': 4} for g in evaluation.GROUPS} for p in ('full', 'sampled')}
         base = {'method': 'llmesr', 'backbone': 'sasrec', 'seed': seed, 'loss': 'bce', 'alpha': 0.1, 'adapter_layers': 2,
+                'mask_history': True,
                 'teacher': 'table', 'no_cross': False, 'data': 'processed/beauty', 'emb': 'emb/minilm', 'emb_id': 'e1'}
         json.dump({'test': test, 'config': {**base, **config}, 'epoch_seconds': [1.0], 'commit': 'abc1234'},
                   open(f'{folder}/results.json', 'w'))
@@ -944,7 +1029,9 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
     fake_run(tmp_path / 'a2', 2, 0.4, [0, 1, 20, 5])
     fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)
     fake_run(tmp_path / 'c3', 3, 0.8, [0, 0, 0, 0], emb='emb/minilm-cft', emb_id='e2')   # other embeddings
-    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'c3')])
+    fake_run(tmp_path / 'd3', 3, 0.6, [0, 0, 0, 0], mask_history=False)                  # another protocol
+    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'c3', 'd3')])
+    assert '| llmesr (sasrec), history kept | beauty, minilm | 3 | full | 0.6000 | 0.3000 |' in table
     assert f'| llmesr (sasrec) | beauty, minilm | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
     assert '| llmesr (sasrec), w/o cross-attention | beauty, minilm | 1 | full | 0.1000 | 0.0500 |' in table
     assert '| llmesr (sasrec) | beauty, minilm-cft | 3 | full | 0.8000 | 0.4000 |' in table
@@ -973,7 +1060,7 @@ def test_every_ablation_switch_changes_what_its_name_says():
     no_cross = small_model(cross=False)
     no_cross.load_state_dict(full.state_dict(), strict=False)        # the same weights but the cross-attention
     assert not torch.allclose(no_cross.user_states(seq), full.user_states(seq))
-    padding_mask = small_model(cross_causal=False)
+    padding_mask = small_model(attention='official')
     assert names(padding_mask) == names(full)
     padding_mask.load_state_dict(full.state_dict())                 # the same weights, only the mask differs
     assert not torch.allclose(padding_mask.user_states(seq), full.user_states(seq))

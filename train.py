@@ -59,7 +59,16 @@ def get_args(argv=None):
     p.add_argument('--layers', type=int, default=2, help='transformer blocks')
     p.add_argument('--heads', type=int, default=1, help='self-attention heads')
     p.add_argument('--dropout', type=float, default=0.5, help='dropout rate')
-    p.add_argument('--loss', default='bce', choices=['bce', 'ce'], help='bce: one sampled negative per position; ce: all items')
+    p.add_argument('--loss', default='bce', choices=['bce', 'ce', 'sampled'],
+                   help='bce: one sampled negative per position (official); ce: softmax over all items; '
+                        'sampled: softmax over the target and --negatives uniform items, log-Q corrected')
+    p.add_argument('--negatives', type=int, default=256, help='--loss sampled: negatives per batch, shared by its positions')
+    p.add_argument('--attention', default='causal', choices=['causal', 'official'],
+                   help="official: self- and cross-attention see every item, so in training a position sees its own target")
+    p.add_argument('--lm-scale', default='xavier', choices=['xavier', 'official'],
+                   help='xavier: LM and PCA tables rescaled to the std of a xavier table; official: unit LM rows, unscaled PCA')
+    p.add_argument('--keep-history', dest='mask_history', action='store_false',
+                   help="full ranking: leave the user's input items rankable (default: hidden, except the target)")
     p.add_argument('--batch-size', type=int, default=128, help='users per training step')
     p.add_argument('--sort-pool', type=int, default=0,
                    help='batches per pool of shuffled users sorted by length: ~2x faster epochs, but see epoch_batches (0: uniformly random batches, as the official code)')
@@ -76,8 +85,6 @@ def get_args(argv=None):
     p.add_argument('--no-cross', action='store_true', help='ablation: no cross-attention between the views')
     p.add_argument('--cross-residual', action='store_true',
                    help='variant, not official: each view keeps its own sequence and adds the cross-attention output to it')
-    p.add_argument('--cross-mask', default='causal', choices=['causal', 'padding'],
-                   help="cross-attention mask; 'padding' is the official code's, which lets position t see its own target item t + 1 in training (a diagnostic)")
     p.add_argument('--split-encoder', action='store_true', help='ablation: one encoder per view instead of a shared one')
     p.add_argument('--random-init', action='store_true', help='ablation: random instead of PCA initialisation of the collaborative table')
     p.add_argument('--adapter-layers', type=int, default=2, choices=[1, 2], help='adapter depth (ablation: 1)')
@@ -107,8 +114,8 @@ def model_config(config, n_items):
     return ModelConfig(n_items=n_items, method=config['method'], kind=config['backbone'], d=config['d'], max_len=config['max_len'],
                        n_layers=config['layers'], n_heads=config['heads'], dropout=config['dropout'],
                        semantic=not config['no_semantic'], collaborative=not config['no_collaborative'],
-                       cross=not config['no_cross'], cross_causal=config['cross_mask'] == 'causal',
-                       cross_residual=config['cross_residual'],
+                       cross=not config['no_cross'], cross_residual=config['cross_residual'],
+                       attention=config['attention'], lm_scale=config['lm_scale'], negatives=config['negatives'],
                        shared_encoder=not config['split_encoder'],
                        pca_init=not config['random_init'], adapter_layers=config['adapter_layers'],
                        loss=config['loss'])
@@ -197,8 +204,8 @@ def to_device(t, device):
 
 
 def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
-    """(B, L + 1) windows (inputs and the last target) -> (seq, pos, neg), each (B', L'): the inputs,
-    the item each position must score (0: none) and a negative for it.
+    """(B, L + 1) windows (inputs and the last target) -> (seq, pos, history), each (B', L'): the
+    inputs, the item each position must score (0: none) and the items of each row's user.
 
       sasrec    every position scores the next item; B' = B
       gru4rec   only the newest position, as the official GRU4Rec; B' = B
@@ -213,7 +220,7 @@ def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
         if backbone == 'gru4rec':
             pos = torch.zeros_like(pos)
             pos[:, -1] = rows[:, -1]
-        return seq, pos, sample_negatives(pos, rows, n_items, gen)
+        return seq, pos, rows
     rows = rows[:, -max_len:]                                      # (B, L') the window is the input
     mask_id = n_items + 1
     newest = rows.clone()
@@ -225,7 +232,17 @@ def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
     random_items = torch.randint(1, n_items + 1, rows.shape, generator=gen)
     cloze = torch.where(chosen & (how < 0.8), mask_id, torch.where(chosen & (how < 0.9), random_items, rows))
     seq, pos = torch.cat([newest, cloze]), torch.cat([newest_pos, torch.where(chosen, rows, 0)])  # (2B, L')
-    return seq, pos, sample_negatives(pos, torch.cat([rows, rows]), n_items, gen)
+    return seq, pos, torch.cat([rows, rows])
+
+
+def negatives_for(loss, targets, history, n_items, k, gen):
+    """The `neg` argument of Recommender.forward for `loss`: bce, (B, L) one negative per target;
+    sampled, (k,) uniform items shared by the batch; ce, an empty tensor (every item is a negative)."""
+    if loss == 'ce':
+        return torch.zeros(0, dtype=torch.long)
+    if loss == 'sampled':
+        return torch.randint(1, n_items + 1, (k,), generator=gen)
+    return sample_negatives(targets, history, n_items, gen)
 
 
 def sample_negatives(targets, history, n_items, gen):
@@ -320,7 +337,8 @@ def train(args):
         for b in range(state['next_batch'], n_batches):
             idx = state['batches'][b]
             rows = torch.from_numpy(trim(train_rows[idx], least=2))  # (B, L' + 1) input and targets
-            seq, pos, neg = training_batch(rows, args.backbone, data.n_items, args.mask_prob, args.max_len, neg_gen)
+            seq, pos, history = training_batch(rows, args.backbone, data.n_items, args.mask_prob, args.max_len, neg_gen)
+            neg = negatives_for(args.loss, pos, history, data.n_items, args.negatives, neg_gen)
             teacher = None
             if distill:
                 teacher = teacher_for(model, similar[idx], state['teacher'], train_rows, device)
@@ -356,7 +374,7 @@ def train(args):
 
         started = time.time()
         results, _, vectors = evaluate(model, valid_in, valid_t, data.eval_negatives, valid_groups, [10],
-                                       args.eval_batch, device)
+                                       args.eval_batch, device, args.mask_history)
         if distill and args.teacher == 'table':
             state['teacher'] = vectors                             # next epoch's teachers, at no extra cost
         full = results['full']
@@ -396,7 +414,8 @@ def test(args, config, data, model, state, device, commit):
     inputs, targets = data.padded(1, args.max_len), data.target(1)
     groups = group_masks(targets, data.head_items(), data.head_users())
     started = time.time()
-    results, ranks, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.eval_batch, device)
+    results, ranks, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.eval_batch, device,
+                                 args.mask_history)
     eval_seconds = time.time() - started
     out = {'test': results, 'config': config, 'best_epoch': state['best_epoch'], 'best_valid_ndcg10': state['best'],
            'epochs_run': state['epoch'], 'epoch_seconds': state['epoch_seconds'],
