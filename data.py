@@ -108,6 +108,48 @@ def replace_dir(tmp_dir, out_dir):
         shutil.rmtree(old)
 
 
+# what each script writes into its --out; a folder holding anything else is not its artifact
+ARTIFACT_FILES = {
+    'processed data': {'manifest.json', 'sequences.npy', 'offsets.npy', 'eval_negatives.npy', 'items.jsonl',
+                       'users.jsonl', 'stats.json'},
+    'embeddings': {'manifest.json', 'items.npy', 'users.npy', 'finetune.json', 'lm'},
+    'a run': {'last.pt', 'best.pt', 'results.json', 'results.md', 'test_ranks.npz', 'train.log'}}
+
+
+def guard_out(out, kind, inputs):
+    """Refuse an --out where writing could lose data, before anything is read; True if it holds `kind`.
+
+    --out may not exist, be empty, or hold only the files of an artifact of its own `kind` (a key of
+    ARTIFACT_FILES); it may not be, be inside, or contain any of `inputs` ({flag: folder}).
+    """
+    real = os.path.realpath(out)
+    for flag, folder in inputs.items():
+        other = os.path.realpath(folder) if folder else None
+        if other and (real == other or real.startswith(other + os.sep) or other.startswith(real + os.sep)):
+            where = 'is' if real == other else 'is inside' if real.startswith(other) else 'contains'
+            raise DataError(f'--out {out} {where} {flag} {folder}: writing there would overwrite the input. '
+                            'Give a new folder as --out.')
+    if not os.path.exists(out):
+        return False
+    if not os.path.isdir(out):
+        raise DataError(f'--out {out} is a file, not a folder. Give a new folder as --out.')
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return False
+    strangers = [e for e in entries if e not in ARTIFACT_FILES[kind]]
+    if strangers or (kind != 'a run' and 'manifest.json' not in entries):
+        shown = ', '.join((strangers or entries)[:4]) + (', ...' if len(strangers or entries) > 4 else '')
+        raise DataError(f'--out {out} holds files that are not {kind} ({shown}); they are never written '
+                        'over. Give a new or empty folder as --out.')
+    return True
+
+
+def os_error(e):
+    """The message of a file-system error (read-only, no space, no permission): the path and what failed."""
+    return (f'{e.filename or ""}: {e.strerror or e}. Nothing was half-written; check that the folder '
+            'exists, is writable and has free space, then run the command again.')
+
+
 def read_json(path, what, remedy):
     if not os.path.exists(path):
         raise DataError(f'{path}: no {what} here. {remedy}')
@@ -571,8 +613,9 @@ class Processed:
 
 
 def load_processed(folder):
-    remedy = f'Rebuild it with `python data.py --raw <raw folder> --out {folder}`.'
+    remedy = 'Make a processed folder with `python data.py --raw <raw folder> --out <new folder>`.'
     manifest = read_json(os.path.join(folder, 'manifest.json'), 'processed-data manifest', remedy)
+    remedy = f'Rebuild it with `python data.py --raw <raw folder> --out {folder} --overwrite`.'
     if manifest.get('format_version') != FORMAT_VERSION:
         raise DataError(f'{folder}: written by data format {manifest.get("format_version")}, this code reads '
                         f'format {FORMAT_VERSION}. {remedy}')
@@ -645,15 +688,20 @@ def main(argv=None):
     p.add_argument('--user-text-chars', type=int, default=1000, help='user prompt length; oldest cut first')
     p.add_argument('--eval-negatives', type=int, default=100, help='negatives per user, sampled protocol')
     p.add_argument('--seed', type=int, default=42, help='seed of the evaluation negatives')
-    p.add_argument('--force', action='store_true', help='rebuild even when the folder is up to date')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
     try:
+        if args.out:
+            guard_out(args.out, 'processed data', {'--raw': args.raw})
         if args.download:
             download(args.download, args.raw)
         if args.out:
             build(args)
     except DataError as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        sys.exit(f'error: {os_error(e)}')
 
 
 def build(args):
@@ -671,12 +719,9 @@ def build(args):
     # written; embeddings and runs check it, so they follow the content, not the code.
     key = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
                        'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(__file__)})
-    manifest_path = os.path.join(args.out, 'manifest.json')
-    if not args.force and os.path.exists(manifest_path):
-        try:
-            old = json.load(open(manifest_path))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = {}
+    old = {}
+    if guard_out(args.out, 'processed data', {'--raw': args.raw}) and not args.overwrite:
+        old = read_json(os.path.join(args.out, 'manifest.json'), 'processed-data manifest', '')
         if old.get('key') == key:
             s = old['stats']
             print(f'{args.out} is up to date: {s["users"]:,} users, {s["items"]:,} items, '
@@ -687,6 +732,9 @@ def build(args):
         stats = process(layout, args)
         outputs = sorted(os.listdir(args.tmp))
         fingerprint = sha256_json([(name, sha256_file(os.path.join(args.tmp, name))) for name in outputs])
+        if old and old.get('fingerprint') != fingerprint:          # other code alone may rebuild the same
+            raise DataError(f'--out {args.out} holds other processed data (made from other inputs, settings '
+                            'or code); replace it with --overwrite, or give a new folder as --out.')
         write_json_atomic(os.path.join(args.tmp, 'manifest.json'), {
             'format_version': FORMAT_VERSION, 'key': key, 'fingerprint': fingerprint, 'layout': layout.name,
             'config': config, 'inputs': inputs, 'outputs': outputs, 'stats': stats,

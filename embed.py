@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, batches_by_length, git_commit, load_processed, read_json, render_item_prompt,
-                  replace_dir, sha256_file, sha256_json, write_json_atomic)
+from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, os_error, read_json,
+                  render_item_prompt, replace_dir, sha256_file, sha256_json, write_json_atomic)
 from model import pick_device
 
 EMBED_VERSION = 1
@@ -324,7 +324,7 @@ def model_fingerprint(path):
 
 def load_embeddings(folder, data):
     """(items (n_items, d_llm), users (U, d_llm)) float32 from an embedding folder made for `data`."""
-    rebuild = f'Rebuild it with `python embed.py --data {data.folder} --lm <model> --out {folder}`.'
+    rebuild = f'Rebuild it: `python embed.py --data {data.folder} --lm <model> --out {folder} --overwrite`.'
     manifest = read_json(os.path.join(folder, 'manifest.json'), 'embedding manifest', rebuild)
     if manifest.get('embed_version') != EMBED_VERSION:
         raise DataError(f'{folder}: written by embedding format {manifest.get("embed_version")}, this reads '
@@ -351,7 +351,7 @@ def main(argv=None):
     p.add_argument('--max-length', type=int, default=256, help='tokens per text; longer texts are cut')
     p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
-    p.add_argument('--force', action='store_true', help='recompute even when the folder is up to date')
+    p.add_argument('--overwrite', action='store_true', help='replace embeddings in --out made otherwise')
     f = p.add_argument_group('contrastive fine-tuning before embedding (LLM-CFSR)')
     f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped views first')
     f.add_argument('--views', type=int, default=2, help='views of each item per step (K)')
@@ -370,9 +370,12 @@ def main(argv=None):
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
     try:
+        guard_out(args.out, 'embeddings', {'--data': args.data})
         build(args)
     except DataError as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        sys.exit(f'error: {os_error(e)}')
 
 
 def build(args):
@@ -390,12 +393,13 @@ def build(args):
                                                           'warmup', 'temperature', 'seed', 'heldout',
                                                           'train_layers', 'lora', 'lora_r', 'lora_alpha',
                                                           'lora_dropout')}
-    manifest_path = os.path.join(args.out, 'manifest.json')
-    if not args.force and os.path.exists(manifest_path):
-        old = read_json(manifest_path, 'embedding manifest', '')
-        if all(old.get(k) == v for k, v in key.items()) and old.get('finetune') == key.get('finetune'):
-            print(f'{args.out} is up to date')
-            return
+    if guard_out(args.out, 'embeddings', {'--data': args.data}) and not args.overwrite:
+        old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest', '')
+        if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
+            raise DataError(f'--out {args.out} holds embeddings made with another model, data or settings; '
+                            'replace them with --overwrite, or give a new folder as --out.')
+        print(f'{args.out} is up to date')
+        return
     tokenizer, model = load_lm(args.lm, device)
     dim = model.config.hidden_size
     # Embeddings are written in place into memory-mapped files in <out>.partial, with the number of
@@ -403,7 +407,7 @@ def build(args):
     partial = f'{args.out.rstrip("/")}.partial'
     progress_path = os.path.join(partial, 'progress.json')
     progress = read_json(progress_path, 'progress', '') if os.path.exists(progress_path) else {}
-    resuming = progress.get('key') == key and not args.force
+    resuming = progress.get('key') == key and not args.overwrite
     if not resuming:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)

@@ -13,16 +13,19 @@ it last, not first. Groups: overall; tail_item / head_item by the target item's 
 tail_user / head_user by the user's (data.py computes both from training interactions only).
 """
 import argparse
+import hashlib
+import io
 import json
 import math
 import os
 import sys
+import zipfile
 from dataclasses import fields
 
 import numpy as np
 import torch
 
-from data import DataError, batches_by_length, load_processed, read_json, sha256_json
+from data import DataError, batches_by_length, load_processed, os_error, read_json, sha256_json, write_atomic
 from embed import load_embeddings
 from model import ModelConfig, Recommender, pick_device
 
@@ -50,21 +53,50 @@ def build(config, device):
     return data, model.to(device), llm_users, emb_id
 
 
+def save_checkpoint(path, ckpt):
+    """torch.save(ckpt) behind the sha256 of its bytes (64 hex digits and a newline), atomically."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    payload = buffer.getvalue()
+    write_atomic(path, lambda f: f.write(hashlib.sha256(payload).hexdigest().encode() + b'\n' + payload))
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path` if its bytes match the checksum it was written with; else a DataError
+    that names it and says how to go on."""
+    with open(path, 'rb') as f:
+        blob = f.read()
+    digest, payload = blob[:64], blob[65:]
+    if blob[64:65] == b'\n' and hashlib.sha256(payload).hexdigest().encode() == digest:
+        return torch.load(io.BytesIO(payload), map_location='cpu', weights_only=False)
+    folder = os.path.dirname(path)
+    why = ('was written by an older train.py, without a checksum' if blob.startswith(b'PK')
+           else 'is damaged: its bytes do not match the checksum it was written with')
+    advice = 'Train again with --overwrite (results.json, if there, keeps the run\'s results).'
+    best = os.path.join(folder, 'best.pt')
+    if os.path.basename(path) == 'last.pt' and os.path.exists(best):
+        try:
+            epoch = load_checkpoint(best)['state']['best_epoch']
+            advice = (f'{best} is intact (epoch {epoch}): to go on from it, `cp {best} {path}` and run again '
+                      'with --resume; or start again with --overwrite.')
+        except DataError:
+            advice = f'{best} is damaged too. Start again with --overwrite.'
+    raise DataError(f'{path} {why}. {advice}')
+
+
 def load_run(run, device='auto'):
     """(model with the best weights, data, config, device) of a finished or running run folder."""
     path = os.path.join(run, 'best.pt')
     if not os.path.exists(path):
         raise DataError(f'{path}: no checkpoint. Train first: `python train.py ... --out {run}`.')
-    config = torch.load(path, map_location='cpu', weights_only=False)['config']
-    if any(f.name not in config for f in fields(ModelConfig)[1:]):
-        raise DataError(f'{path} was written by an older train.py whose checkpoints this one does not read; '
-                        'its results.json is still read by --report and --paired.')
+    ckpt = load_checkpoint(path)
+    config = ckpt['config']
     device = pick_device(device)
     data, model, _, emb_id = build(config, device)
     if config['emb_id'] != emb_id:
         raise DataError(f'{config["emb"]} holds other embeddings than {run} was trained on (another model, '
                         'length or prompts). Re-embed with the original settings, or train again.')
-    model.load_state_dict(torch.load(path, map_location='cpu', weights_only=False)['model'])
+    model.load_state_dict(ckpt['model'])
     return model.eval(), data, config, device
 
 
@@ -220,7 +252,14 @@ def report(paths, k=10):
     """
     runs = {}
     for path in paths:
-        res = json.load(open(path))
+        if not os.path.exists(path):
+            print(f'note: skipped {path}: no results yet (a run still training?)', file=sys.stderr)
+            continue
+        try:
+            res = read_json(path, 'results', '')
+        except DataError as e:
+            print(f'note: skipped {path}: corrupt ({e})', file=sys.stderr)
+            continue
         key = (variant(res['config']), res.get('data_fingerprint'), res['config'].get('emb_id'))
         runs.setdefault(key, []).append(res)
     head = ('| variant | data, embeddings | seeds | protocol | '
@@ -244,7 +283,16 @@ def report(paths, k=10):
 
 def user_ndcg(run_folders, k=10):
     """(U,) each user's test NDCG@k under full ranking, averaged over the runs (seeds) given."""
-    ranks = np.stack([np.load(os.path.join(f, 'test_ranks.npz'))['full'] for f in run_folders])  # (S, U)
+    ranks = []
+    for folder in run_folders:
+        path = os.path.join(folder, 'test_ranks.npz')
+        if not os.path.exists(path):
+            raise DataError(f'{path}: no test ranks yet; --paired needs finished runs ({folder} training?)')
+        try:
+            ranks.append(np.load(path)['full'])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DataError(f'{path} is corrupt ({e}); evaluate the run again with eval.py --run.') from e
+    ranks = np.stack(ranks)                                        # (S, U)
     return ((ranks < k) / np.log2(ranks + 2)).mean(0)
 
 
@@ -414,15 +462,15 @@ def main(argv=None):
     if args.report:
         print(report(args.report, args.ks[0]))
         return
-    if args.paired:
-        a, b = (side.split(',') for side in args.paired)
-        users = group_of_run(a[0], args.group)
-        result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
-        print(json.dumps({'group': args.group, **result}, indent=1))
-        return
-    if not args.run:
+    if not (args.run or args.paired):
         p.error('give --run, --report or --paired')
     try:
+        if args.paired:
+            a, b = (side.split(',') for side in args.paired)
+            users = group_of_run(a[0], args.group)
+            result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
+            print(json.dumps({'group': args.group, **result}, indent=1))
+            return
         runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
         if len({run[1].fingerprint for run in runs.values()}) > 1:
             raise DataError('--compare: the runs were trained on different processed data; use one dataset.')
@@ -434,6 +482,8 @@ def main(argv=None):
             return
     except DataError as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        sys.exit(f'error: {os_error(e)}')
     model, data, config, device = runs[args.run]
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)

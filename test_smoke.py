@@ -481,7 +481,9 @@ def test_finetune_loss_falls_and_the_cache_records_the_tuning(tmp_path, tiny):
     items = {f: np.load(tmp_path / f / 'items.npy') for f in ('tuned', 'frozen')}
     assert not np.allclose(items['tuned'], items['frozen'], atol=1e-3)
     shutil.copytree(tmp_path / 'tuned', tmp_path / 'stale')
-    embed.main(base + ['--out', str(tmp_path / 'stale')])          # same folder, now asked for no tuning
+    with pytest.raises(SystemExit, match='holds embeddings made with another model.*--overwrite'):
+        embed.main(base + ['--out', str(tmp_path / 'stale')])      # same folder, now asked for no tuning
+    embed.main(base + ['--out', str(tmp_path / 'stale'), '--overwrite'])
     assert 'finetune' not in json.load(open(tmp_path / 'stale' / 'manifest.json'))
     ids = {f: train.build({'data': tiny.folder, 'emb': str(tmp_path / f), 'method': 'llmesr', 'backbone': 'sasrec',
                            **{k: v for k, v in vars(train.get_args(['--data', 'x', '--out', 'y'])).items()
@@ -501,7 +503,7 @@ def test_end_to_end_loss_falls_and_results_are_written(tmp_path, tiny, tiny_emb)
         for group in evaluation.GROUPS:
             assert set(res['test'][protocol][group]) >= {'HR@10', 'NDCG@10', 'users'}
     assert len(res['epoch_seconds']) == 15
-    ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)
+    ckpt = evaluation.load_checkpoint(tmp_path / 'run' / 'last.pt')
     assert not any(k.startswith('_orig_mod') for k in ckpt['model'])
     # the training loss falls and validation improves on the first epoch's model
     history = res['valid_history']
@@ -669,6 +671,13 @@ def test_processed_folder_is_reused_and_embeddings_of_other_data_refused(tmp_pat
     data.main(args)
     assert 'wrote' in capsys.readouterr().out
     assert json.load(open(tmp_path / 'p' / 'manifest.json'))['fingerprint'] == manifest['fingerprint']
+    # other contents replace it only when asked
+    with pytest.raises(SystemExit, match='holds other processed data.*--overwrite'):
+        data.main(args + ['--eval-negatives', '5'])
+    assert json.load(open(tmp_path / 'p' / 'manifest.json'))['fingerprint'] == manifest['fingerprint']
+    data.main(args + ['--eval-negatives', '5', '--overwrite'])
+    assert json.load(open(tmp_path / 'p' / 'manifest.json'))['config']['eval_negatives'] == 5
+    data.main(args + ['--overwrite'])
     other = data.load_processed(str(tmp_path / 'p'))
     other.fingerprint = 'something else'
     folder = tmp_path / 'emb'
@@ -699,7 +708,7 @@ def test_sigkill_then_resume_ends_at_the_same_metrics(tmp_path, tiny, tiny_emb):
     proc = subprocess.Popen([sys.executable, 'train.py', *args, '--out', str(killed)], cwd=os.path.dirname(__file__),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
-        if (killed / 'last.pt').exists() and torch.load(killed / 'last.pt', weights_only=False)['state']['epoch'] >= 3:
+        if (killed / 'last.pt').exists() and evaluation.load_checkpoint(killed / 'last.pt')['state']['epoch'] >= 3:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -887,7 +896,7 @@ def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, m
             '--epochs', '5', '--n-similar', '3', '--log-every', '1000', '--out', str(tmp_path / 'run')]
     with pytest.raises(SystemExit, match=r'epoch 1, step 7: the distill loss is nan; stopped\. The last good checkpoint'):
         train.main(args)
-    assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)['state']['epoch'] == 1
+    assert evaluation.load_checkpoint(tmp_path / 'run' / 'last.pt')['state']['epoch'] == 1
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
@@ -901,7 +910,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait() == 130, 'the run ended before Ctrl-C'
-    assert torch.load(run / 'last.pt', weights_only=False)['state']['next_batch'] > 0
+    assert evaluation.load_checkpoint(run / 'last.pt')['state']['next_batch'] > 0
     train.main(args + ['--out', str(run), '--resume'])
     assert json.load(open(run / 'results.json'))['test'] == json.load(open(tmp_path / 'whole' / 'results.json'))['test']
 

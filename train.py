@@ -30,8 +30,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import DataError, git_commit, write_atomic, write_json_atomic
-from eval import build, evaluate, group_masks, markdown_table, trim, user_vectors
+from data import ARTIFACT_FILES, DataError, git_commit, guard_out, os_error, write_atomic, write_json_atomic
+from eval import (build, evaluate, group_masks, load_checkpoint, markdown_table, save_checkpoint, trim,
+                  user_vectors)
 from model import pick_device, similar_users, teacher
 
 
@@ -87,11 +88,13 @@ def get_args(argv=None):
     flag('--threads', type=int, default=0, help='CPU threads for torch (0: torch decides)')
     flag('--compile', action='store_true', help='torch.compile the training step')
     flag('--resume', action='store_true', help='continue from <out>/last.pt')
+    flag('--overwrite', action='store_true', help='replace the run in --out (its checkpoints and results)')
     return p.parse_args(argv)
 
 
 # settings that may differ between a run and its resumption
-RESUMABLE = {'resume', 'out', 'device', 'threads', 'log_every', 'eval_batch', 'compile', 'epochs', 'patience'}
+RESUMABLE = {'resume', 'overwrite', 'out', 'device', 'threads', 'log_every', 'eval_batch', 'compile',
+             'epochs', 'patience'}
 
 
 def rng_state(np_rng, neg_gen):
@@ -183,12 +186,39 @@ def sample_negatives(targets, history, n_items, gen):
     return neg
 
 
+class Tee:
+    """stdout that also goes to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
-        train(args)
+        if guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb}):
+            if args.overwrite:                                     # the old run's files go, nothing else
+                for name in ARTIFACT_FILES['a run'] & set(os.listdir(args.out)):
+                    os.remove(os.path.join(args.out, name))
+            elif not args.resume:
+                raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(os.listdir(args.out)))}). '
+                                'Continue it with --resume, or replace it with --overwrite.')
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
+            with contextlib.redirect_stdout(Tee(sys.stdout, log)):
+                train(args)
     except (DataError, TrainingError) as e:
         sys.exit(f'error: {e}')
+    except OSError as e:
+        sys.exit(f'error: {os_error(e)}')
 
 
 def train(args):
@@ -197,7 +227,6 @@ def train(args):
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, 'last.pt'), os.path.join(args.out, 'best.pt')
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
@@ -223,7 +252,7 @@ def train(args):
     if args.resume:
         if not os.path.exists(last_path):
             raise TrainingError(f'--resume: {last_path} does not exist; start without --resume.')
-        ckpt = torch.load(last_path, map_location='cpu', weights_only=False)
+        ckpt = load_checkpoint(last_path)
         saved = ckpt['config']
         changed = sorted(k for k in set(config) | set(saved)
                          if k not in RESUMABLE and config.get(k) != saved.get(k))
@@ -238,9 +267,9 @@ def train(args):
         print(f'resumed from {last_path}: epoch {state["epoch"]}, batch {state["next_batch"]}')
 
     def checkpoint(path):
-        ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
-                'model_config': asdict(model.cfg), 'rng': rng_state(np_rng, neg_gen), 'state': state}
-        write_atomic(path, lambda f: torch.save(ckpt, f))
+        save_checkpoint(path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                               'config': config, 'model_config': asdict(model.cfg),
+                               'rng': rng_state(np_rng, neg_gen), 'state': state})
 
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -268,9 +297,10 @@ def train(args):
                 loss, parts = step_fn(seq, pos, neg, teachers, args.alpha)
             for name, value in [('total', loss), *parts.items()]:
                 if not torch.isfinite(value):
+                    good = (f'The last good checkpoint is {last_path} (epoch {state["epoch"] - 1}).'
+                            if os.path.exists(last_path) else 'No checkpoint was written yet.')
                     raise TrainingError(f'epoch {epoch}, step {state["step"]}: the {name} loss is '
-                                        f'{value.item()}; stopped. The last good checkpoint is {last_path}. '
-                                        'Try a lower --lr or --clip 1.')
+                                        f'{value.item()}; stopped. {good} Try a lower --lr or --clip 1.')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip > 0:
@@ -322,8 +352,7 @@ def train(args):
 
 
 def test(args, config, data, model, state, device, commit):
-    best = torch.load(os.path.join(args.out, 'best.pt'), map_location='cpu', weights_only=False)
-    model.load_state_dict(best['model'])
+    model.load_state_dict(load_checkpoint(os.path.join(args.out, 'best.pt'))['model'])
     inputs, targets = data.padded(1, args.max_len), data.target(1)
     groups = group_masks(targets, data.head_items(), data.head_users())
     started = time.time()
