@@ -435,7 +435,7 @@ def plot_runs(runs, path, n_buckets, batch_size, k=10):
         for ax in axes:
             ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100))
         text += f'\nwrote {path}'
     return text
 
@@ -471,6 +471,8 @@ def main(argv=None):
             result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
             print(json.dumps({'group': args.group, **result}, indent=1))
             return
+        if args.plot and os.path.exists(args.plot):
+            raise DataError(f'--plot {args.plot} exists and is never written over; give a new file name.')
         runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
         if len({run[1].fingerprint for run in runs.values()}) > 1:
             raise DataError('--compare: the runs were trained on different processed data; use one dataset.')

@@ -2,6 +2,7 @@
 
     python -m pytest -q test_smoke.py
 """
+import contextlib
 import functools
 import gzip
 import json
@@ -881,12 +882,15 @@ def test_interrupted_embedding_resumes_from_the_last_chunk(tmp_path, tiny, monke
         np.testing.assert_array_equal(np.load(tmp_path / 'emb' / f'{name}.npy'), np.load(tmp_path / 'clean' / f'{name}.npy'))
 
 
-def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, monkeypatch):
+@pytest.mark.parametrize('at, said', [(7, r'epoch 1, step 7: the distill loss is nan; stopped\. The last good '
+                                          r'checkpoint is .*last.pt \(epoch 0\)'),
+                                      (0, r'epoch 0, step 0: .* No checkpoint was written yet')])
+def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, monkeypatch, at, said):
     real = M.Recommender.forward
 
     def poisoned(self, *a, **kw):
         loss, parts = real(self, *a, **kw)
-        if self.training and poisoned.steps == 7:
+        if self.training and poisoned.steps == at:
             parts['distill'] = parts['distill'] * float('nan')
         poisoned.steps += 1
         return loss, parts
@@ -894,9 +898,10 @@ def test_nan_loss_stops_the_run_naming_step_and_part(tmp_path, tiny, tiny_emb, m
     monkeypatch.setattr(M.Recommender, 'forward', poisoned)
     args = ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--batch-size', '8',
             '--epochs', '5', '--n-similar', '3', '--log-every', '1000', '--out', str(tmp_path / 'run')]
-    with pytest.raises(SystemExit, match=r'epoch 1, step 7: the distill loss is nan; stopped\. The last good checkpoint'):
+    with pytest.raises(SystemExit, match=said):
         train.main(args)
-    assert evaluation.load_checkpoint(tmp_path / 'run' / 'last.pt')['state']['epoch'] == 1
+    if at:
+        assert evaluation.load_checkpoint(tmp_path / 'run' / 'last.pt')['state']['epoch'] == 1
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
@@ -913,6 +918,189 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, tiny, tiny_emb):
     assert evaluation.load_checkpoint(run / 'last.pt')['state']['next_batch'] > 0
     train.main(args + ['--out', str(run), '--resume'])
     assert json.load(open(run / 'results.json'))['test'] == json.load(open(tmp_path / 'whole' / 'results.json'))['test']
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing lost: each fault below exits non-zero with a message (a SystemExit carrying text: Python
+# prints it without a traceback), changes no input file and leaves no temporary file
+
+
+def tree_hashes(*folders):
+    """{path: sha256} of every file below the folders but train.log, which every attempt appends to."""
+    return {os.path.join(d, f): data.sha256_file(os.path.join(d, f))
+            for folder in folders for d, _, files in os.walk(folder) for f in files if f != 'train.log'}
+
+
+def leftovers(root):
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
+            if '.tmp-' in n or '.old-' in n]
+
+
+def fails_cleanly(main, argv, match, watched, root):
+    before = tree_hashes(*watched)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str) and re.search(match, e.value.code), e.value.code
+    assert tree_hashes(*watched) == before, 'an input file changed'
+    assert not leftovers(root)
+    return e.value.code
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` made unwritable, for root too (chattr +i), else by its mode; skips if neither holds."""
+    os.chmod(folder, 0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(['chattr', '+i', folder], capture_output=True).returncode == 0
+    try:
+        try:
+            open(os.path.join(folder, 'probe'), 'w').close()
+            os.remove(os.path.join(folder, 'probe'))
+            pytest.skip('cannot make a read-only folder here')
+        except OSError:
+            pass
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(['chattr', '-i', folder], check=True)
+        os.chmod(folder, 0o755)
+
+
+@pytest.fixture
+def finished(tiny_runs, tmp_path):
+    """A copy of a finished LLM-ESR run."""
+    return shutil.copytree(tiny_runs[1], tmp_path / 'finished')
+
+
+def train_args(tiny, tiny_emb, out, *more):
+    return ['--data', tiny.folder, '--emb', tiny_emb, '--max-len', '10', '--d', '16', '--lr', '0.01',
+            '--epochs', '3', '--n-similar', '3', '--log-every', '1000', '--out', str(out), *more]
+
+
+def test_an_output_folder_never_destroys_an_input(tmp_path, tiny, tiny_emb, finished):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'notes.txt').write_text('mine')
+    lm = os.path.join(os.path.dirname(tiny_emb), 'lm')
+    watched = [raw, tiny.folder, tiny_emb, str(finished), str(tmp_path / 'notes')]
+    cases = [
+        (data.main, ['--raw', raw, '--out', raw], r'--out .* is --raw'),
+        (data.main, ['--raw', raw, '--out', f'{raw}/processed'], r'is inside --raw'),
+        (data.main, ['--raw', raw, '--out', str(tmp_path)], r'contains --raw'),
+        (data.main, ['--raw', raw, '--out', str(tmp_path / 'notes')], r'holds files that are not processed data \(notes.txt\)'),
+        (data.main, ['--raw', raw, '--out', tiny_emb], r'holds files that are not processed data'),
+        (data.main, ['--raw', raw, '--out', f'{raw}/reviews_Beauty_5.json.gz'], r'is inside --raw'),
+        (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', tiny.folder], r'is --data'),
+        (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(finished)], r'not embeddings \(best.pt'),
+        (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'notes')], r'not embeddings'),
+        (train.main, train_args(tiny, tiny_emb, finished), r'holds a run .*--resume.*--overwrite'),
+        (train.main, train_args(tiny, tiny_emb, tiny.folder), r'is --data'),
+        (train.main, train_args(tiny, tiny_emb, f'{tiny_emb}/run'), r'is inside --emb'),
+        (train.main, train_args(tiny, tiny_emb, tmp_path / 'notes'), r'not a run \(notes.txt\)'),
+    ]
+    for main, argv, match in cases:
+        fails_cleanly(main, argv, match, watched, tmp_path)
+    # --overwrite replaces the run's own files, and nothing else
+    (finished / 'results.json').write_text('{}')
+    train.main(train_args(tiny, tiny_emb, finished, '--overwrite', '--epochs', '1'))
+    assert json.load(open(finished / 'results.json'))['epochs_run'] == 1
+
+
+def test_the_three_destroying_commands_are_refused_fast_without_a_traceback(tmp_path, tiny, tiny_emb, finished):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    lm = os.path.join(os.path.dirname(tiny_emb), 'lm')
+    for argv, folder in [(['data.py', '--raw', raw, '--out', raw], raw),
+                         (['embed.py', '--data', tiny.folder, '--lm', lm, '--out', tiny.folder], tiny.folder),
+                         (['train.py', *train_args(tiny, tiny_emb, finished)], str(finished))]:
+        before, started = tree_hashes(folder), time.time()
+        proc = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(__file__), capture_output=True, text=True)
+        assert proc.returncode != 0 and time.time() - started < 5
+        assert proc.stderr.startswith('error: --out') and 'Traceback' not in proc.stderr, proc.stderr
+        assert tree_hashes(folder) == before
+
+
+def damage(path, how):
+    blob = open(path, 'rb').read()
+    if how == 'flipped':
+        blob = blob[:len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 1]) + blob[len(blob) // 2 + 1:]
+    elif how == 'zeros':                                           # the middle third
+        blob = blob[:len(blob) // 3] + bytes(len(blob) // 3) + blob[2 * (len(blob) // 3):]
+    elif how == 'header':                                          # the recorded checksum itself
+        blob = b'x' + blob[1:]
+    open(path, 'wb').write({'truncated': blob[:len(blob) // 3], 'empty': b''}.get(how, blob))
+
+
+@pytest.mark.parametrize('how', ['flipped', 'zeros', 'header', 'truncated', 'empty'])
+def test_a_damaged_checkpoint_is_named_and_refused(tiny, tiny_emb, finished, tmp_path, how):
+    best_too = how == 'flipped'
+    damage(finished / 'last.pt', how)
+    if best_too:
+        damage(finished / 'best.pt', how)
+    message = fails_cleanly(train.main, train_args(tiny, tiny_emb, finished, '--resume'),
+                            r'last.pt is damaged', [str(finished)], tmp_path)
+    if best_too:
+        assert 'best.pt is damaged too' in message
+        fails_cleanly(evaluation.main, ['--run', str(finished)], r'best.pt is damaged', [str(finished)], tmp_path)
+    else:
+        assert re.search(r'best.pt is intact \(epoch \d+\): to go on from it, `cp ', message)
+
+
+def test_eval_refuses_a_damaged_best_checkpoint(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / 'run')
+    damage(run / 'best.pt', 'zeros')
+    fails_cleanly(evaluation.main, ['--run', str(run)], r'best.pt is damaged', [str(run)], tmp_path)
+
+
+def test_a_read_only_out_is_a_message(tmp_path, tiny, tiny_emb):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    lm = os.path.join(os.path.dirname(tiny_emb), 'lm')
+    (tmp_path / 'ro').mkdir()
+    with read_only(str(tmp_path / 'ro')) as ro:
+        for main, argv in [(data.main, ['--raw', raw, '--out', f'{ro}/p', '--eval-negatives', '10']),
+                           (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', f'{ro}/emb']),
+                           (train.main, train_args(tiny, tiny_emb, f'{ro}/run'))]:
+            fails_cleanly(main, argv, r'/ro/\w+.*(Permission denied|Operation not permitted|Read-only).*'
+                          'Nothing was half-written', [raw, tiny.folder, tiny_emb], tmp_path)
+
+
+def test_a_full_disk_is_a_message_and_leaves_no_temporary_file(tmp_path, tiny, tiny_emb, monkeypatch):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    lm = os.path.join(os.path.dirname(tiny_emb), 'lm')
+
+    def full(fd):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    for main, argv in [(data.main, ['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '10']),
+                       (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'emb')]),
+                       (train.main, train_args(tiny, tiny_emb, tmp_path / 'run'))]:
+        fails_cleanly(main, argv, r'No space left on device.*Nothing was half-written',
+                      [raw, tiny.folder, tiny_emb], tmp_path)
+    assert not (tmp_path / 'p').exists() and not (tmp_path / 'run' / 'last.pt').exists()
+
+
+def test_report_and_paired_skip_or_name_unfinished_and_corrupt_runs(tiny_runs, tmp_path, capsys):
+    running = tmp_path / 'running'
+    running.mkdir()
+    corrupt = shutil.copytree(tiny_runs[1], tmp_path / 'corrupt')
+    (corrupt / 'results.json').write_text('{"test": ')
+    evaluation.main(['--report', f'{tiny_runs[0]}/results.json', f'{running}/results.json', f'{corrupt}/results.json'])
+    out, err = capsys.readouterr()
+    assert out.count('| base (sasrec)') == 2 and 'llmesr' not in out
+    assert f'skipped {running}/results.json: no results yet' in err and f'skipped {corrupt}/results.json: corrupt' in err
+    fails_cleanly(evaluation.main, ['--paired', tiny_runs[0], str(running)], r'running/test_ranks.npz: no test ranks yet',
+                  [tiny_runs[0]], tmp_path)
+    (corrupt / 'test_ranks.npz').write_bytes(b'not a zip')
+    fails_cleanly(evaluation.main, ['--paired', tiny_runs[0], str(corrupt)], r'test_ranks.npz is corrupt',
+                  [tiny_runs[0]], tmp_path)
+
+
+def test_the_training_log_is_written_and_appended_to_on_resume(tmp_path, tiny, tiny_emb):
+    run = tmp_path / 'run'
+    train.main(train_args(tiny, tiny_emb, run, '--epochs', '2'))
+    log = (run / 'train.log').read_text()
+    assert 'epoch 1 valid' in log and 'best epoch' in log
+    train.main(train_args(tiny, tiny_emb, run, '--resume', '--epochs', '3'))
+    log = (run / 'train.log').read_text()
+    assert log.count('epoch 1 valid') == 1 and 'resumed from' in log and 'epoch 2 valid' in log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -976,6 +1164,9 @@ def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, 
     with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
         evaluation.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--plot', str(tmp_path / 'p.png')])
     assert not (tmp_path / 'p.png').exists()
+    (tmp_path / 'p.png').write_text('an earlier plot')
+    fails_cleanly(evaluation.main, ['--run', tiny_runs[0], '--plot', str(tmp_path / 'p.png')],
+                  r'p.png exists and is never written over', [str(tmp_path)], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

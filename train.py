@@ -204,7 +204,9 @@ class Tee:
 def main(argv=None):
     args = get_args(argv)
     try:
-        if guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb}):
+        held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
+        # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
+        if held and set(os.listdir(args.out)) - {'train.log'}:
             if args.overwrite:                                     # the old run's files go, nothing else
                 for name in ARTIFACT_FILES['a run'] & set(os.listdir(args.out)):
                     os.remove(os.path.join(args.out, name))
