@@ -144,10 +144,16 @@ def guard_out(out, kind, inputs):
     return True
 
 
-def os_error(e):
-    """The message of a file-system error (read-only, no space, no permission): the path and what failed."""
-    return (f'{e.filename or ""}: {e.strerror or e}. Nothing was half-written; check that the folder '
-            'exists, is writable and has free space, then run the command again.')
+def or_exit(fn, *args):
+    """fn(*args); an expected failure (a DataError, or a file-system error such as a read-only folder or
+    a full disk) becomes one line on stderr and exit status 1, not a traceback."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    except OSError as e:
+        sys.exit(f'error: {e.filename or ""}: {e.strerror or e}. Nothing was half-written; check that the '
+                 'folder exists, is writable and has free space, then run the command again.')
 
 
 def read_json(path, what, remedy):
@@ -691,17 +697,12 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true',
                    help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
-    try:
-        if args.out:
-            guard_out(args.out, 'processed data', {'--raw': args.raw})
-        if args.download:
-            download(args.download, args.raw)
-        if args.out:
-            build(args)
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except OSError as e:
-        sys.exit(f'error: {os_error(e)}')
+    if args.out:
+        or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
+    if args.download:
+        or_exit(download, args.download, args.raw)
+    if args.out:
+        or_exit(build, args)
 
 
 def build(args):

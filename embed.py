@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, os_error, read_json,
+from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, or_exit, read_json,
                   render_item_prompt, replace_dir, sha256_file, sha256_json, write_json_atomic)
 from model import pick_device
 
@@ -369,16 +369,11 @@ def main(argv=None):
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
-    try:
-        guard_out(args.out, 'embeddings', {'--data': args.data})
-        build(args)
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except OSError as e:
-        sys.exit(f'error: {os_error(e)}')
+    or_exit(build, args)
 
 
 def build(args):
+    held = guard_out(args.out, 'embeddings', {'--data': args.data})  # before anything is read
     commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
     data = load_processed(args.data)
@@ -393,7 +388,7 @@ def build(args):
                                                           'warmup', 'temperature', 'seed', 'heldout',
                                                           'train_layers', 'lora', 'lora_r', 'lora_alpha',
                                                           'lora_dropout')}
-    if guard_out(args.out, 'embeddings', {'--data': args.data}) and not args.overwrite:
+    if held and not args.overwrite:
         old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest', '')
         if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
             raise DataError(f'--out {args.out} holds embeddings made with another model, data or settings; '

@@ -25,7 +25,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from data import DataError, batches_by_length, load_processed, os_error, read_json, sha256_json, write_atomic
+from data import DataError, batches_by_length, load_processed, or_exit, read_json, sha256_json, write_atomic
 from embed import load_embeddings
 from model import ModelConfig, Recommender, pick_device
 
@@ -464,36 +464,32 @@ def main(argv=None):
         return
     if not (args.run or args.paired):
         p.error('give --run, --report or --paired')
-    try:
-        if args.paired:
-            a, b = (side.split(',') for side in args.paired)
-            users = group_of_run(a[0], args.group)
-            result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
-            print(json.dumps({'group': args.group, **result}, indent=1))
-            return
-        if args.plot and os.path.exists(args.plot):
-            raise DataError(f'--plot {args.plot} exists and is never written over; give a new file name.')
-        runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
-        if len({run[1].fingerprint for run in runs.values()}) > 1:
-            raise DataError('--compare: the runs were trained on different processed data; use one dataset.')
-        if args.show:
-            print(show_runs(runs, args.show, args.seed, args.batch_size))
-            return
-        if args.plot:
-            print(plot_runs(runs, args.plot, args.buckets, args.batch_size))
-            return
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except OSError as e:
-        sys.exit(f'error: {os_error(e)}')
+    print(or_exit(act, args))
+
+
+def act(args):
+    """What main() prints for --paired, --show, --plot or a plain --run."""
+    if args.paired:
+        a, b = (side.split(',') for side in args.paired)
+        users = group_of_run(a[0], args.group)
+        result = paired_test(user_ndcg(a, args.ks[0])[users], user_ndcg(b, args.ks[0])[users])
+        return json.dumps({'group': args.group, **result}, indent=1)
+    if args.plot and os.path.exists(args.plot):
+        raise DataError(f'--plot {args.plot} exists and is never written over; give a new file name.')
+    runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
+    if len({run[1].fingerprint for run in runs.values()}) > 1:
+        raise DataError('--compare: the runs were trained on different processed data; use one dataset.')
+    if args.show:
+        return show_runs(runs, args.show, args.seed, args.batch_size)
+    if args.plot:
+        return plot_runs(runs, args.plot, args.buckets, args.batch_size)
     model, data, config, device = runs[args.run]
     cut = 1 if args.split == 'test' else 2
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(targets, data.head_items(), data.head_users())
     results, _, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks, args.batch_size,
                              device, config['mask_history'])
-    print(markdown_table(results, args.ks, f'{args.run} ({args.split})'))
-    print(json.dumps(results))
+    return markdown_table(results, args.ks, f'{args.run} ({args.split})') + '\n' + json.dumps(results)
 
 
 if __name__ == '__main__':

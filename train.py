@@ -30,13 +30,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import ARTIFACT_FILES, DataError, git_commit, guard_out, os_error, write_atomic, write_json_atomic
+from data import ARTIFACT_FILES, DataError, git_commit, guard_out, or_exit, write_atomic, write_json_atomic
 from eval import (build, evaluate, group_masks, load_checkpoint, markdown_table, save_checkpoint, trim,
                   user_vectors)
 from model import pick_device, similar_users, teacher
 
 
-class TrainingError(Exception):
+class TrainingError(DataError):
     """A run that cannot go on (a NaN loss, a checkpoint from another configuration)."""
 
 
@@ -203,24 +203,25 @@ class Tee:
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
-        # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
-        if held and set(os.listdir(args.out)) - {'train.log'}:
-            if args.overwrite:                                     # the old run's files go, nothing else
-                for name in ARTIFACT_FILES['a run'] & set(os.listdir(args.out)):
-                    os.remove(os.path.join(args.out, name))
-            elif not args.resume:
-                raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(os.listdir(args.out)))}). '
-                                'Continue it with --resume, or replace it with --overwrite.')
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
-            with contextlib.redirect_stdout(Tee(sys.stdout, log)):
-                train(args)
-    except (DataError, TrainingError) as e:
-        sys.exit(f'error: {e}')
-    except OSError as e:
-        sys.exit(f'error: {os_error(e)}')
+    or_exit(start, args)
+
+
+def start(args):
+    """Check --out (it may hold only this run, and only with --resume or --overwrite), then train, the
+    printed lines going to <out>/train.log too."""
+    held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
+    # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
+    if held and set(os.listdir(args.out)) - {'train.log'}:
+        if args.overwrite:                                         # the old run's files go, nothing else
+            for name in ARTIFACT_FILES['a run'] & set(os.listdir(args.out)):
+                os.remove(os.path.join(args.out, name))
+        elif not args.resume:
+            raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(os.listdir(args.out)))}). '
+                            'Continue it with --resume, or replace it with --overwrite.')
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
+        with contextlib.redirect_stdout(Tee(sys.stdout, log)):
+            train(args)
 
 
 def train(args):
