@@ -92,8 +92,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, context, bias):
         """x (B, L, d) queries, context (B, L, d) keys and values, bias (B, 1, L, L) -> (B, L, d).
 
-        `bias` is attention_bias(): 0 where a query may attend to a key, -inf where it may not. The
-        (L, L) scores are the large tensors here, so the scale goes on q and the mask is one add.
+        `bias` is attention_bias(). The (L, L) scores are the large tensors here, so the scale goes on
+        q and the mask is one add.
         """
         B, L, d = x.shape
         h = self.n_heads
@@ -104,22 +104,17 @@ class MultiHeadAttention(nn.Module):
         return self.out((weights @ v).transpose(1, 2).reshape(B, L, d))
 
 
-def attention_mask(seq, causal=True):
-    """(B, L) item ids -> (B, 1, L, L) bool: query t may attend to key s.
+def attention_bias(seq, causal=True):
+    """(B, L) item ids -> (B, 1, L, L) float: 0 where query t may attend to key s, -inf elsewhere.
 
-    Keys that are padding are hidden; with `causal`, so are keys after the query. Every position may
-    attend to itself so that padding queries get a defined (and later discarded) output.
+    Padding keys are hidden; with `causal`, so are keys after the query. Every position may attend
+    to itself, so that padding queries get a defined (and later discarded) output.
     """
     L = seq.shape[1]
     allowed = (seq != 0)[:, None, None, :]                        # (B, 1, 1, L)
     if causal:
         allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
-    return allowed | torch.eye(L, dtype=torch.bool, device=seq.device)
-
-
-def attention_bias(seq, causal=True):
-    """(B, L) item ids -> (B, 1, L, L) float: 0 where attention_mask() allows, -inf elsewhere."""
-    allowed = attention_mask(seq, causal)
+    allowed = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)
     return torch.zeros(allowed.shape, device=seq.device).masked_fill_(~allowed, -float('inf'))
 
 

@@ -989,6 +989,7 @@ def test_an_output_folder_never_destroys_an_input(tmp_path, tiny, tiny_emb, fini
         (data.main, ['--raw', raw, '--out', str(tmp_path / 'notes')], r'holds files that are not processed data \(notes.txt\)'),
         (data.main, ['--raw', raw, '--out', tiny_emb], r'holds files that are not processed data'),
         (data.main, ['--raw', raw, '--out', f'{raw}/reviews_Beauty_5.json.gz'], r'is inside --raw'),
+        (data.main, ['--raw', raw, '--out', str(tmp_path / 'notes' / 'notes.txt')], r'is a file, not a folder'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', tiny.folder], r'is --data'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(finished)], r'not embeddings \(best.pt'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'notes')], r'not embeddings'),
