@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_smoke import tiny, tiny_emb, tiny_lm  # noqa: E402,F401  (fixtures)
+from test_smoke import tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
 
 
 def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
@@ -39,3 +39,18 @@ def test_bench_measures_each_fine_tuning_path(tiny, tmp_path):
     trained = {p: res[p]['trainable_parameters'] for p in ('full', 'last1', 'lora')}
     assert trained['full'] > trained['last1'] > trained['lora'] > 0 and res['lora']['items_per_second'] > 0
     assert res['lora']['view_retrieval_before']['items'] == 5 and 0 <= res['lora']['view_retrieval_after']['acc@1'] <= 1
+
+
+def test_views_sum_is_the_runs_own_ranking_and_each_half_is_reported(tiny_runs, capsys):
+    import views
+    import eval as evaluation
+    model, data, config, device = evaluation.load_run(tiny_runs[1], 'cpu')
+    rows = views.view_rows(model, data, config, 'valid')
+    assert set(rows) == {'co', 'sem', 'sum'}
+    full, _, _ = evaluation.rank_targets(model, data.padded(2, config['max_len']), data.target(2),
+                                         data.eval_negatives, 64, device, config['mask_history'])
+    assert rows['sum']['all'] == evaluation.metrics(full, [10])
+    assert all(0 <= r['tail_share'] <= 1 and r['score_std'] > 0 for r in rows.values())
+    views.main(['--run', tiny_runs[0], '--run', tiny_runs[1]])
+    out = capsys.readouterr().out
+    assert out.count(f'| {tiny_runs[1]} |') == 3 and out.count(f'| {tiny_runs[0]} | co |') == 1
