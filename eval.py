@@ -49,7 +49,8 @@ def build(config, device):
         ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})
         emb_id = sha256_json(ident)
     cfg = ModelConfig(n_items=data.n_items, **{f.name: config[f.name] for f in fields(ModelConfig)[1:]})
-    model = Recommender(cfg, None if llm_items is None else torch.from_numpy(llm_items))
+    llm_items = None if llm_items is None else torch.from_numpy(llm_items)
+    model = Recommender(cfg, llm_items, data.item_popularity())
     return data, model.to(device), llm_users, emb_id
 
 
@@ -227,6 +228,7 @@ def variant(config):
     tags = [tag for key, value, tag in TAGS if key in config and config[key] == value
             and (config['method'] == 'llmesr' or key not in llmesr_only)]
     tags += [f'{config["negatives"]} negatives'] if config['loss'] == 'sampled' else []
+    tags += [f'logit adjustment {config["logit_adjust"]:g}'] if config.get('logit_adjust') else []
     tags += [f'length-sorted batches (pool {config["sort_pool"]})'] if config.get('sort_pool') else []
     return f'{config["method"]} ({config["backbone"]})' + ''.join(f', {t}' for t in tags)
 

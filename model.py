@@ -48,6 +48,9 @@ class ModelConfig:
     # 'sampled': softmax over the target and `negatives` uniform items, log-Q corrected
     loss: str = 'bce'
     negatives: int = 256
+    # departure, in neither paper: tau of the popularity logit adjustment (Menon et al. 2021) in
+    # training; 0 is off. Training scores add tau * log(training popularity); ranking uses raw scores
+    logit_adjust: float = 0.0
 
 
 def pick_device(name):
@@ -273,10 +276,14 @@ class Recommender(nn.Module):
     BERT4Rec inputs may hold the mask token, id n_items + 1, with a trainable row in each view.
     """
 
-    def __init__(self, cfg, llm_items=None):
-        """llm_items: (n_items, d_llm) language-model item table, needed by llminit and llmesr."""
+    def __init__(self, cfg, llm_items=None, popularity=None):
+        """llm_items: (n_items, d_llm) language-model item table, needed by llminit and llmesr;
+        popularity: (n_items + 1,) training interactions per item, needed by cfg.logit_adjust."""
         super().__init__()
         self.cfg = cfg
+        if cfg.logit_adjust:
+            prior = torch.as_tensor(popularity, dtype=torch.float32) + 1     # + 1: no item at log 0
+            self.register_buffer('log_prior', (prior / prior[1:].sum()).log(), persistent=False)
         llm = cfg.method == 'llmesr'
         self.use_sem = llm and cfg.semantic
         self.use_co = not llm or cfg.collaborative
@@ -417,6 +424,11 @@ class Recommender(nn.Module):
             return table
         return torch.cat([table, self.item_table(torch.tensor([self.mask_id], device=table.device))])
 
+    def prior(self, items):
+        """Training-only score offsets of `items` (ids or a slice): cfg.logit_adjust * log(training
+        popularity), or 0 when off. Added to every training logit, never to ranking scores."""
+        return self.cfg.logit_adjust * self.log_prior[items] if self.cfg.logit_adjust else 0
+
     def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
         """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
 
@@ -427,7 +439,8 @@ class Recommender(nn.Module):
         if self.cfg.loss == 'ce':
             table = self.item_table()                              # (n_items + 1, D)
             states = self.user_states(seq, self.with_mask(table))  # (B, L, D)
-            rec = F.cross_entropy(states[valid] @ table[1:].T, pos[valid] - 1)  # (N, n_items) logits
+            logits = states[valid] @ table[1:].T + self.prior(slice(1, None))  # (N, n_items)
+            rec = F.cross_entropy(logits, pos[valid] - 1)
         else:
             # only the items this batch touches go through the adapter: a few thousand, not all
             ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]),
@@ -437,8 +450,9 @@ class Recommender(nn.Module):
             states = self.user_states(seq, table, seq_rows.view_as(seq))  # (B, L, D)
             users = states[valid]                                  # (N, D)
             pos_logits = (users * table[pos_rows.view_as(pos)[valid]]).sum(-1)  # (N,)
+            pos_logits = pos_logits + self.prior(pos[valid])
             if self.cfg.loss == 'bce':
-                neg_logits = (users * table[neg_rows.view_as(neg)[valid]]).sum(-1)  # (N,)
+                neg_logits = (users * table[neg_rows.view_as(neg)[valid]]).sum(-1) + self.prior(neg[valid])
                 rec = (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
                        F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
             else:
@@ -446,6 +460,7 @@ class Recommender(nn.Module):
                 # its logit gets - log(K q) and the sum over the K draws estimates the sum over all
                 # items (uniform draws: q = 1 / n_items). A draw equal to the target is no negative.
                 neg_logits = users @ table[neg_rows].T - math.log(len(neg) / self.cfg.n_items)  # (N, K)
+                neg_logits = neg_logits + self.prior(neg)
                 neg_logits = neg_logits.masked_fill(neg[None] == pos[valid][:, None], -float('inf'))
                 rec = -torch.cat([pos_logits[:, None], neg_logits], 1).log_softmax(1)[:, 0].mean()
         parts = {'rec': rec.detach()}

@@ -226,10 +226,10 @@ def test_retrieval_matches_brute_force_and_never_returns_self():
     assert not (got == torch.arange(300)[:, None]).any()
 
 
-def small_model(method='llmesr', n_items=30, d_llm=12, **kw):
+def small_model(method='llmesr', n_items=30, d_llm=12, popularity=None, **kw):
     torch.manual_seed(0)
     cfg = M.ModelConfig(n_items=n_items, method=method, d=8, max_len=20, dropout=0.0, **kw)
-    return M.Recommender(cfg, torch.randn(n_items, d_llm)).eval()
+    return M.Recommender(cfg, torch.randn(n_items, d_llm), popularity).eval()
 
 
 @pytest.mark.parametrize('method', ['base', 'llmesr'])
@@ -575,6 +575,30 @@ def test_sampled_softmax_against_written_out_losses():
         partition = torch.exp(u @ table[t]) + 10 * sum(torch.exp(s) for s in others)
         expected.append(torch.log(partition) - u @ table[t])
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize('loss', ['ce', 'sampled', 'bce'])
+def test_logit_adjustment_offsets_training_logits_only(loss):
+    pop = torch.arange(31.0) * 3                                     # item 0 is padding
+    plain, adjusted = small_model(loss=loss), small_model(loss=loss, logit_adjust=0.5, popularity=pop)
+    seq, pos = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]]), torch.tensor([[0, 4, 5, 6], [7, 8, 9, 10]])
+    users, table, targets = plain.user_states(seq)[pos != 0], plain.item_table(), pos[pos != 0]
+    assert torch.equal(adjusted.item_table(), table) and torch.equal(adjusted.user_vectors(seq), plain.user_vectors(seq))
+    offset = 0.5 * torch.log((pop + 1) / (pop[1:] + 1).sum())       # tau * log of the smoothed training share
+    scores = users @ table.T + offset                                # (N, n_items + 1)
+    if loss == 'ce':
+        expected = F.cross_entropy(scores[:, 1:], targets - 1)
+        loss_value, _ = adjusted(seq, pos, torch.zeros(0, dtype=torch.long))
+    elif loss == 'sampled':                                          # every item drawn once: the full softmax
+        expected = F.cross_entropy(scores[:, 1:], targets - 1)
+        loss_value, _ = adjusted(seq, pos, torch.arange(1, 31))
+    else:
+        neg = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+        rows = torch.arange(len(targets))
+        expected = (F.binary_cross_entropy_with_logits(scores[rows, targets], torch.ones(len(targets))) +
+                    F.binary_cross_entropy_with_logits(scores[rows, neg[pos != 0]], torch.zeros(len(targets))))
+        loss_value, _ = adjusted(seq, pos, neg)
+    assert torch.allclose(loss_value, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('method', ['base', 'llmesr'])

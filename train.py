@@ -62,6 +62,8 @@ def get_args(argv=None):
          help='bce: one sampled negative per position (official); ce: softmax over all items; '
               'sampled: softmax over the target and --negatives uniform items, log-Q corrected')
     flag('--negatives', type=int, default=256, help='--loss sampled: negatives per batch')
+    flag('--logit-adjust', type=float, default=0.0,
+         help='departure: training scores add this times log(item popularity); ranking uses raw scores')
     flag('--attention', default='causal', choices=['causal', 'official'],
          help='official: self- and cross-attention see every item, so in training a position sees its target')
     flag('--lm-scale', default='xavier', choices=['xavier', 'official'],
