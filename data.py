@@ -722,7 +722,8 @@ def build(args):
                        'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(__file__)})
     old = {}
     if guard_out(args.out, 'processed data', {'--raw': args.raw}) and not args.overwrite:
-        old = read_json(os.path.join(args.out, 'manifest.json'), 'processed-data manifest', '')
+        old = read_json(os.path.join(args.out, 'manifest.json'), 'processed-data manifest',
+                        'Replace the folder with --overwrite, or give a new folder as --out.')
         if old.get('key') == key:
             s = old['stats']
             print(f'{args.out} is up to date: {s["users"]:,} users, {s["items"]:,} items, '

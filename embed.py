@@ -389,7 +389,8 @@ def build(args):
                                                           'train_layers', 'lora', 'lora_r', 'lora_alpha',
                                                           'lora_dropout')}
     if held and not args.overwrite:
-        old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest', '')
+        old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest',
+                        'Replace the folder with --overwrite, or give a new folder as --out.')
         if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
             raise DataError(f'--out {args.out} holds embeddings made with another model, data or settings; '
                             'replace them with --overwrite, or give a new folder as --out.')

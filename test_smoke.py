@@ -1004,8 +1004,10 @@ def test_an_output_folder_never_destroys_an_input(tmp_path, tiny, tiny_emb, fini
     raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
     (tmp_path / 'notes').mkdir()
     (tmp_path / 'notes' / 'notes.txt').write_text('mine')
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'manifest.json').write_text('{"key": ')
     lm = os.path.join(os.path.dirname(tiny_emb), 'lm')
-    watched = [raw, tiny.folder, tiny_emb, str(finished), str(tmp_path / 'notes')]
+    watched = [raw, tiny.folder, tiny_emb, str(finished), str(tmp_path / 'notes'), str(tmp_path / 'broken')]
     cases = [
         (data.main, ['--raw', raw, '--out', raw], r'--out .* is --raw'),
         (data.main, ['--raw', raw, '--out', f'{raw}/processed'], r'is inside --raw'),
@@ -1014,6 +1016,9 @@ def test_an_output_folder_never_destroys_an_input(tmp_path, tiny, tiny_emb, fini
         (data.main, ['--raw', raw, '--out', tiny_emb], r'holds files that are not processed data'),
         (data.main, ['--raw', raw, '--out', f'{raw}/reviews_Beauty_5.json.gz'], r'is inside --raw'),
         (data.main, ['--raw', raw, '--out', str(tmp_path / 'notes' / 'notes.txt')], r'is a file, not a folder'),
+        (data.main, ['--raw', raw, '--out', str(tmp_path / 'broken')], r'manifest is not valid JSON.*--overwrite'),
+        (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'broken')],
+         r'manifest is not valid JSON.*--overwrite'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', tiny.folder], r'is --data'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(finished)], r'not embeddings \(best.pt'),
         (embed.main, ['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'notes')], r'not embeddings'),
