@@ -54,3 +54,23 @@ def test_views_sum_is_the_runs_own_ranking_and_each_half_is_reported(tiny_runs, 
     views.main(['--run', tiny_runs[0], '--run', tiny_runs[1]])
     out = capsys.readouterr().out
     assert out.count(f'| {tiny_runs[1]} |') == 3 and out.count(f'| {tiny_runs[0]} | co |') == 1
+
+
+def test_runs_script_trains_skips_finished_runs_and_resumes_interrupted_ones(tiny, tiny_emb, tmp_path):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = tmp_path / 'runs'
+    listing = tmp_path / 'list.txt'
+    listing.write_text('# a comment\n\n'
+                       f'tiny/a {tiny.folder} {tiny_emb} --method llmesr --max-len 10 --d 16 --epochs 2 --n-similar 3\n'
+                       f'tiny/b {tiny.folder} - --method base --max-len 10 --d 16 --epochs 2\n')
+    go = lambda: subprocess.run(['bash', 'experiments/runs.sh', str(listing), '2'], cwd=root, capture_output=True,  # noqa: E731
+                                text=True, env={**os.environ, 'RUNS': str(runs)}, check=True).stdout
+    out = go()
+    assert out.count('start') == 2 and all((runs / 'tiny' / n / 'results.json').exists() for n in 'ab')
+    first = json.load(open(runs / 'tiny' / 'a' / 'results.json'))
+    os.remove(runs / 'tiny' / 'a' / 'results.json')                # as if killed before the test pass
+    out = go()
+    assert 'done already: tiny/b' in out and 'start tiny/a' in out
+    assert json.load(open(runs / 'tiny' / 'a' / 'results.json'))['test'] == first['test']
+    assert 'resumed from' in (runs / 'tiny' / 'a' / 'train.log').read_text()
