@@ -165,7 +165,9 @@ def attribute_views(subject, attrs, k, r, rng):
 
 
 def info_nce(z, log_scale):
-    """(K, B, H) unit vectors of K views of B items -> symmetric in-batch InfoNCE (a scalar).
+    """(K, B, H) unit vectors of K views of B items -> symmetric in-batch InfoNCE (a scalar), the
+    LLM-CFSR contrastive loss: with s = exp(log_scale) = 1 / temperature,
+        L = mean over anchors a and positives p of  -log( exp(s z_a.z_p) / sum_{n != a} exp(s z_a.z_n) ).
 
     Each of the K * B views is an anchor; its positives are the other K - 1 views of its item and
     its negatives the K * (B - 1) views of the other items; logits are inner products times a

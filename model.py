@@ -269,7 +269,9 @@ class Recommender(nn.Module):
     LLM-ESR's dual view (Sec. 3.2): a semantic view (the frozen LM item table through a trainable
     adapter) and a collaborative view (a trainable table initialised by PCA of the LM table) share
     the encoder; cross-attention lets each view's sequence attend to the other's (encode()); a user
-    and an item are the two views concatenated, and a score is their dot product.
+    and an item are the two views concatenated, and a score is their dot product:
+        score(u, i) = [u_co ; u_sem] . [e_co(i) ; adapter(e_llm(i))]
+                    = u_co . e_co(i) + u_sem . adapter(e_llm(i))
 
     forward(seq, pos, neg, teacher=None, alpha=0) -> (loss, parts): seq and pos are (B, L) ids, the
     input and the item each position must score (0: none); `neg` depends on cfg.loss (forward).
@@ -475,7 +477,9 @@ class Recommender(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # retrieval-augmented self-distillation (LLM-ESR Sec. 3.3), all of it: who the teachers are, the
-# teacher, and the loss. train.py keeps `table`, every user's representation, refreshed each epoch.
+# teacher, and the loss, L = L_rec + alpha * || u - mean_{v in N(u)} u_v ||^2 / D, N(u) the users most
+# similar to u by cosine of their LM user embeddings (the MSE averages over the batch too). train.py
+# keeps `table`, every user's representation u_v, refreshed by each epoch's validation pass.
 
 
 def similar_users(user_emb, n, chunk=None):
