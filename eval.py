@@ -48,7 +48,9 @@ def build(config, device):
                                           'item_prompts_sha256', 'user_prompts_sha256')}
         ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})
         emb_id = sha256_json(ident)
-    cfg = ModelConfig(n_items=data.n_items, **{f.name: config[f.name] for f in fields(ModelConfig)[1:]})
+    # a field missing from an older run's config is a flag added since, so the run had its default
+    cfg = ModelConfig(n_items=data.n_items, **{f.name: config.get(f.name, f.default)
+                                               for f in fields(ModelConfig)[1:]})
     llm_items = None if llm_items is None else torch.from_numpy(llm_items)
     model = Recommender(cfg, llm_items, data.item_popularity())
     return data, model.to(device), llm_users, emb_id

@@ -1074,6 +1074,15 @@ def test_a_damaged_checkpoint_is_named_and_refused(tiny, tiny_emb, finished, tmp
         assert re.search(r'best.pt is intact \(epoch \d+\): to go on from it, `cp ', message)
 
 
+def test_a_run_from_before_a_model_flag_existed_loads_with_its_default(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[1], tmp_path / 'run')
+    ckpt = evaluation.load_checkpoint(run / 'best.pt')
+    del ckpt['config']['logit_adjust']
+    evaluation.save_checkpoint(str(run / 'best.pt'), ckpt)
+    model = evaluation.load_run(str(run), 'cpu')[0]
+    assert model.cfg.logit_adjust == 0.0
+
+
 def test_eval_refuses_a_damaged_best_checkpoint(tiny_runs, tmp_path):
     run = shutil.copytree(tiny_runs[0], tmp_path / 'run')
     damage(run / 'best.pt', 'zeros')
