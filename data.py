@@ -697,15 +697,16 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true',
                    help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
-    if args.out:
-        or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
+    # --out is checked before anything is fetched or read
+    held = args.out and or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
     if args.download:
         or_exit(download, args.download, args.raw)
     if args.out:
-        or_exit(build, args)
+        or_exit(build, args, held)
 
 
-def build(args):
+def build(args, held):
+    """Process --raw into --out; `held`: guard_out() found a processed folder there already."""
     layout = detect_layout(args.raw)
     missing = [path for path in (layout.reviews, layout.meta) if not os.path.exists(path)]
     if missing:
@@ -721,7 +722,7 @@ def build(args):
     key = sha256_json({'format_version': FORMAT_VERSION, 'config': config, 'layout': layout.name,
                        'inputs': [i['sha256'] for i in inputs], 'code': sha256_file(__file__)})
     old = {}
-    if guard_out(args.out, 'processed data', {'--raw': args.raw}) and not args.overwrite:
+    if held and not args.overwrite:
         old = read_json(os.path.join(args.out, 'manifest.json'), 'processed-data manifest',
                         'Replace the folder with --overwrite, or give a new folder as --out.')
         if old.get('key') == key:

@@ -52,7 +52,7 @@ def build(config, device):
     cfg = ModelConfig(n_items=data.n_items, **{f.name: config.get(f.name, f.default)
                                                for f in fields(ModelConfig)[1:]})
     llm_items = None if llm_items is None else torch.from_numpy(llm_items)
-    model = Recommender(cfg, llm_items, data.item_popularity())
+    model = Recommender(cfg, llm_items, data.item_popularity() if cfg.logit_adjust else None)
     return data, model.to(device), llm_users, emb_id
 
 

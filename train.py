@@ -30,7 +30,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import ARTIFACT_FILES, DataError, git_commit, guard_out, or_exit, write_atomic, write_json_atomic
+from data import DataError, git_commit, guard_out, or_exit, write_atomic, write_json_atomic
 from eval import (build, evaluate, group_masks, load_checkpoint, markdown_table, save_checkpoint, trim,
                   user_vectors)
 from model import pick_device, similar_users, teacher
@@ -212,13 +212,14 @@ def start(args):
     """Check --out (it may hold only this run, and only with --resume or --overwrite), then train, the
     printed lines going to <out>/train.log too."""
     held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
+    files = set(os.listdir(args.out)) if held else set()          # only a run's own files (guard_out)
     # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
-    if held and set(os.listdir(args.out)) - {'train.log'}:
+    if files - {'train.log'}:
         if args.overwrite:                                         # the old run's files go, nothing else
-            for name in ARTIFACT_FILES['a run'] & set(os.listdir(args.out)):
+            for name in files:
                 os.remove(os.path.join(args.out, name))
         elif not args.resume:
-            raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(os.listdir(args.out)))}). '
+            raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(files))}). '
                             'Continue it with --resume, or replace it with --overwrite.')
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
