@@ -226,9 +226,9 @@ def variant(config):
     renamed = {new: not config[old] for old, new in OLD.items() if old in config}
     config = {'mask_history': False, **renamed, **config}
     llmesr_only = {'semantic', 'collaborative', 'cross', 'shared_encoder', 'pca_init', 'adapter_layers',
-                   'alpha', 'teacher', 'cross_mask', 'cross_residual', 'lm_scale'}
-    tags = [tag for key, value, tag in TAGS if key in config and config[key] == value
-            and (config['method'] == 'llmesr' or key not in llmesr_only)]
+                   'alpha', 'teacher', 'cross_mask', 'cross_residual'}
+    ignored = {'llmesr': set(), 'llminit': llmesr_only, 'base': llmesr_only | {'lm_scale'}}[config['method']]
+    tags = [tag for key, value, tag in TAGS if key in config and config[key] == value and key not in ignored]
     tags += [f'{config["negatives"]} negatives'] if config['loss'] == 'sampled' else []
     tags += [f'logit adjustment {config["logit_adjust"]:g}'] if config.get('logit_adjust') else []
     tags += [f'length-sorted batches (pool {config["sort_pool"]})'] if config.get('sort_pool') else []

@@ -1243,6 +1243,14 @@ def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp
     assert math.isclose(got['p_two_sided'], 2 * stats.norm.sf(abs(ref.statistic)), rel_tol=1e-9)
 
 
+def test_variant_names_only_the_settings_its_method_uses():
+    config = {'backbone': 'sasrec', 'loss': 'ce', 'mask_history': True, 'cross': False, 'lm_scale': 'official'}
+    name = lambda method: evaluation.variant({**config, 'method': method})  # noqa: E731
+    assert name('llmesr') == 'llmesr (sasrec), w/o cross-attention, official LM scale, ce loss'
+    assert name('llminit') == 'llminit (sasrec), official LM scale, ce loss'   # the scale of its PCA table
+    assert name('base') == 'base (sasrec), ce loss'                            # no LM table to scale
+
+
 def test_every_ablation_switch_changes_what_its_name_says():
     names = lambda m: {n.split('.')[0] for n, _ in m.named_parameters()}  # noqa: E731
     full = small_model()
