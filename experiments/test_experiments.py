@@ -74,3 +74,22 @@ def test_runs_script_trains_skips_finished_runs_and_resumes_interrupted_ones(tin
     assert 'done already: tiny/b' in out and 'start tiny/a' in out
     assert json.load(open(runs / 'tiny' / 'a' / 'results.json'))['test'] == first['test']
     assert 'resumed from' in (runs / 'tiny' / 'a' / 'train.log').read_text()
+
+
+def test_drift_measures_rows_against_their_start_and_the_lm_neighbours(tiny_runs, capsys):
+    import torch
+    import drift
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    near = drift.neighbours(x, k=1)
+    assert near[:, 0].tolist() == [1, 0, 3, 2] and drift.shared(near, near).tolist() == [1.0] * 4
+    lm, head = torch.randn(30, 8), torch.arange(30) < 6
+    start = torch.randn(30, 4)
+    same = drift.compare(start.clone(), start, lm, head)
+    assert all(r['moved'] == 0 and abs(r['cosine'] - 1) < 1e-6 and r['lm_neighbours_start'] == r['lm_neighbours_end']
+               for r in same.values())
+    assert same['head']['items'] == 6 and same['tail']['items'] == 24
+    moved = drift.compare(-start, start, lm, head)
+    assert all(abs(r['moved'] - 2) < 1e-5 and abs(r['cosine'] + 1) < 1e-6 for r in moved.values())
+    drift.main(['--run', tiny_runs[0], '--run', tiny_runs[1]])
+    out = capsys.readouterr().out
+    assert out.count(f'| {tiny_runs[0]} | ') == 2 and 'random →' in out and out.count(f'| {tiny_runs[1]} | ') == 2
