@@ -7,14 +7,13 @@ the median length of a row at the start and at the best checkpoint, the median r
 each row moved, ||w - w0|| / ||w0||, the median cosine between w and w0, and how many of each item's
 10 nearest neighbours (cosine) in the LM item table are among its 10 nearest in the trained table
 (in the starting table, for reference). A run whose table starts from the PCA of the LM table
-(llminit; llmesr) starts where build() puts it; a base run starts at random, so only its neighbours
+(llminit; llmesr) starts where model.Recommender puts it; a base run starts at random, so only its neighbours
 are printed, against the LM table of --emb. Imports the core; the core never imports this file.
 """
 import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,20 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import DataError, or_exit  # noqa: E402
 from embed import load_embeddings  # noqa: E402
-from eval import build, load_run  # noqa: E402
-
-
-@torch.no_grad()
-def neighbours(table, k=10, chunk=2048):
-    """(n, d) -> (n, k): each row's k nearest other rows by cosine."""
-    x = F.normalize(table.float(), dim=1)
-    out = []
-    for start in range(0, len(x), chunk):
-        sim = x[start:start + chunk] @ x.T                         # (c, n)
-        rows = torch.arange(len(sim))
-        sim[rows, rows + start] = -float('inf')                    # not itself
-        out.append(sim.topk(k, dim=1).indices)
-    return torch.cat(out)
+from eval import load_run  # noqa: E402
+from model import Recommender, similar_users  # noqa: E402
 
 
 def shared(a, b):
@@ -47,9 +34,9 @@ def shared(a, b):
 def compare(trained, start, lm, head):
     """{group: {measure: value}} for a trained (n, d) item table against its start (None: random),
     with lm the (n, d_llm) LM table and head the (n,) bool head-item mask."""
-    near_lm = neighbours(lm)
-    kept_end = shared(near_lm, neighbours(trained))
-    kept_start = None if start is None else shared(near_lm, neighbours(start))
+    near_lm = similar_users(lm, 10)                                # (n, 10): any table's rows will do
+    kept_end = shared(near_lm, similar_users(trained, 10))
+    kept_start = None if start is None else shared(near_lm, similar_users(start, 10))
     rows = {}
     for group, mask in (('head', head), ('tail', ~head)):
         w = trained[mask]
@@ -73,12 +60,12 @@ def drift_rows(run, emb=None):
         raise DataError(f'{run} has no collaborative item table (--no-collaborative).')
     if not (config['emb'] or emb):
         raise DataError(f'{run} is a base run with no LM table; name one with --emb (embed.py\'s folder).')
-    lm, _, _ = load_embeddings(config['emb'] or emb, data)         # (n, d_llm)
+    lm = torch.from_numpy(load_embeddings(config['emb'] or emb, data)[0])   # (n, d_llm)
     start = None                                                   # a base run starts at random
-    if config['method'] != 'base':
-        start = build(config, 'cpu')[1].co_items.weight[1:n + 1]   # the PCA rows it started from
+    if config['method'] != 'base':                                 # the PCA rows it started from
+        start = Recommender(model.cfg, lm, data.item_popularity()).co_items.weight[1:n + 1].detach()
     head = torch.from_numpy(data.head_items()[1:])
-    return compare(model.co_items.weight[1:n + 1].detach(), start, torch.from_numpy(lm), head)
+    return compare(model.co_items.weight[1:n + 1].detach(), start, lm, head)
 
 
 def table(runs, emb=None):

@@ -79,8 +79,9 @@ def test_runs_script_trains_skips_finished_runs_and_resumes_interrupted_ones(tin
 def test_drift_measures_rows_against_their_start_and_the_lm_neighbours(tiny_runs, capsys):
     import torch
     import drift
+    from model import similar_users
     x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    near = drift.neighbours(x, k=1)
+    near = similar_users(x, 1)
     assert near[:, 0].tolist() == [1, 0, 3, 2] and drift.shared(near, near).tolist() == [1.0] * 4
     lm, head = torch.randn(30, 8), torch.arange(30) < 6
     start = torch.randn(30, 4)
