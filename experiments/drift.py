@@ -7,8 +7,9 @@ the median length of a row at the start and at the best checkpoint, the median r
 each row moved, ||w - w0|| / ||w0||, the median cosine between w and w0, and how many of each item's
 10 nearest neighbours (cosine) in the LM item table are among its 10 nearest in the trained table
 (in the starting table, for reference). A run whose table starts from the PCA of the LM table
-(llminit; llmesr) starts where model.Recommender puts it; a base run starts at random, so only its neighbours
-are printed, against the LM table of --emb. Imports the core; the core never imports this file.
+(llminit; llmesr) starts where model.Recommender puts it; a base run starts at random, so only its
+neighbours are printed, against the LM table of --emb. Imports the core; the core never imports this
+file.
 """
 import argparse
 import os
