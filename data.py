@@ -408,13 +408,20 @@ def render_user_prompt(titles, budget):
 # the pipeline
 
 
-def kcore(users, items, min_user, min_item):
-    """Iterative k-core on integer codes: the mask of interactions that survive, and the rounds."""
-    keep = np.ones(len(users), dtype=bool)
+def kcore(users, items, min_user, min_item, keep=None, once=False):
+    """The mask of interactions (among `keep`) that survive the k-core on integer codes, and the rounds.
+
+    Iterative by default: filter until every user and item has its minimum. `once` is the official
+    code's filter_common: one pass over the counts, then users left with fewer than 3 interactions go
+    (its filter_minmum), so items and users below the minimum may remain.
+    """
+    keep = np.ones(len(users), dtype=bool) if keep is None else keep
     for rounds in range(1, 1000):
         u_count = np.bincount(users[keep], minlength=users.max() + 1)
         i_count = np.bincount(items[keep], minlength=items.max() + 1)
         ok = keep & (u_count[users] >= min_user) & (i_count[items] >= min_item)
+        if once:
+            return ok & (np.bincount(users[ok], minlength=users.max() + 1)[users] >= 3), 1
         if ok.sum() == keep.sum():
             return keep, rounds
         keep = ok
@@ -483,7 +490,11 @@ def process(layout, args):
     user_names, users = np.unique(np.array(raw_users), return_inverse=True)
     item_names, items = np.unique(np.array(raw_items), return_inverse=True)
     times = np.array(times, dtype=np.int64)
-    keep, rounds = kcore(users, items, args.min_user, args.min_item)
+    keep = None
+    if args.sample_users < 1:                                      # a random share of users, each kept whole
+        chosen = np.random.default_rng(args.seed).permutation(len(user_names))
+        keep = np.isin(users, chosen[:int(args.sample_users * len(user_names))])
+    keep, rounds = kcore(users, items, args.min_user, args.min_item, keep, args.kcore == 'once')
     if not keep.any():
         raise DataError(f'{layout.reviews}: no interaction survives the {args.min_user}-user/'
                         f'{args.min_item}-item core; lower --min-user/--min-item.')
@@ -560,6 +571,9 @@ def process(layout, args):
              'head_users': int((train_len >= user_threshold).sum()),
              'skipped_lines': dict(bad.bad), 'duplicates_dropped': duplicates,
              'items_without_text': no_text, 'items_without_meta': no_meta}
+    if args.kcore != 'iterative' or args.sample_users < 1:        # only then, so default folders keep their
+        stats.update(kcore=args.kcore, sample_users=args.sample_users,   # fingerprint
+                     interactions_per_item=len(items) / n_items)
     write_json_atomic(os.path.join(args.tmp, 'stats.json'), stats)
     return stats
 
@@ -688,15 +702,22 @@ def main(argv=None):
                    'amazon2014-<Category>, amazon2018-<Category> or yelp')
     p.add_argument('--min-user', type=int, default=5, help='k-core: least interactions per user')
     p.add_argument('--min-item', type=int, default=5, help='k-core: least interactions per item')
+    p.add_argument('--kcore', default='iterative', choices=['iterative', 'once'],
+                   help="iterative: until every user and item has its minimum; once: one pass, then users "
+                        "with fewer than 3 dropped (the official code's filter, the paper's statistics)")
+    p.add_argument('--sample-users', type=float, default=1.0, metavar='F',
+                   help='keep a random share F of users, each whole, before the k-core (seeded by --seed)')
     p.add_argument('--strict', action='store_true', help='fail on the first malformed line')
     p.add_argument('--max-bad', type=float, default=0.01, help='fail past this share of malformed lines')
     p.add_argument('--max-value-chars', type=int, default=300, help='cut each attribute value to this length')
     p.add_argument('--user-text-chars', type=int, default=1000, help='user prompt length; oldest cut first')
     p.add_argument('--eval-negatives', type=int, default=100, help='negatives per user, sampled protocol')
-    p.add_argument('--seed', type=int, default=42, help='seed of the evaluation negatives')
+    p.add_argument('--seed', type=int, default=42, help='seed of the evaluation negatives and --sample-users')
     p.add_argument('--overwrite', action='store_true',
                    help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
+    if not 0 < args.sample_users <= 1:
+        p.error(f'--sample-users {args.sample_users}: give a share of users in (0, 1]')
     # --out is checked before anything is fetched or read
     held = args.out and or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
     if args.download:
@@ -712,8 +733,8 @@ def build(args, held):
     if missing:
         raise DataError(f'{missing[0]}: file is missing. Put the original file there, or fetch it with '
                         f'`python data.py --download <NAME> --raw {args.raw}` (NAME like amazon2014-Beauty).')
-    config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'max_value_chars', 'user_text_chars',
-                                            'eval_negatives', 'seed']}
+    config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'kcore', 'sample_users', 'max_value_chars',
+                                            'user_text_chars', 'eval_negatives', 'seed']}
     inputs = [{'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'sha256': sha256_file(p)}
               for p in (layout.reviews, layout.meta)]
     # `key` decides whether a folder may be reused: same inputs, config and code (this file's source,

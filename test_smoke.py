@@ -181,6 +181,41 @@ def test_kcore_is_iterative():
     assert keep.tolist() == [True, True, True, False, False, True, True, True] and rounds >= 2
 
 
+def test_kcore_once_is_one_pass_as_the_official_filter(tmp_path):
+    # min 3 per user, 2 per item: U3 (2 items) goes; d then has 1 user, which one pass keeps and the
+    # iterative core drops (U1 keeps 3 items); counted by hand
+    seqs = {'U1': 'abcd', 'U2': 'abc', 'U3': 'ad', 'U4': 'bce', 'U5': 'eab'}
+    raw = amazon2014(str(tmp_path / 'raw'), [(u, i, 10 * t) for u, s in seqs.items() for t, i in enumerate(s)])
+    counts = {}
+    for how in ('once', 'iterative'):
+        data.main(['--raw', raw, '--out', str(tmp_path / how), '--min-user', '3', '--min-item', '2',
+                   '--kcore', how, '--eval-negatives', '1'])
+        s = data.load_processed(str(tmp_path / how)).stats
+        counts[how] = (s['users'], s['items'], s['interactions'])
+    assert counts == {'once': (4, 5, 13), 'iterative': (4, 4, 12)}
+
+
+def test_sample_users_keeps_a_seeded_share_of_users_whole(tmp_path):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    full = tmp_path / 'full'
+    data.main(['--raw', raw, '--out', str(full), '--min-item', '1', '--eval-negatives', '5'])
+    runs = []
+    for name in ('a', 'b'):
+        data.main(['--raw', raw, '--out', str(tmp_path / name), '--sample-users', '0.5', '--min-item', '1',
+                   '--eval-negatives', '5'])
+        runs.append(data.load_processed(str(tmp_path / name)))
+    a, b, whole = *runs, data.load_processed(str(full))
+    assert a.n_users == 20 and np.array_equal(a.sequences, b.sequences)   # seeded: the same share twice
+    assert a.stats['sample_users'] == 0.5 and 'sample_users' not in whole.stats
+    titles = lambda d: {r['id']: dict(r['attributes'])['name'] for r in d.read_jsonl('items.jsonl')}  # noqa: E731
+    users = lambda d: [r['raw'] for r in d.read_jsonl('users.jsonl')]  # noqa: E731
+    ta, tw, uw = titles(a), titles(whole), users(whole)
+    for u, raw_id in enumerate(users(a)):                              # each kept user's sequence is whole
+        w = uw.index(raw_id)
+        mine = [ta[i] for i in a.sequences[a.offsets[u]:a.offsets[u + 1]]]
+        assert mine == [tw[i] for i in whole.sequences[whole.offsets[w]:whole.offsets[w + 1]]]
+
+
 def test_pareto_threshold():
     counts = np.array([50, 40, 30, 20, 10, 9, 8, 7, 6, 5])
     t = data.pareto_threshold(counts)
