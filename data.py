@@ -22,6 +22,7 @@ import ast
 import gzip
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -89,6 +90,39 @@ def write_atomic(path, write):
 
 def write_json_atomic(path, obj):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save(ckpt) behind the sha256 of its bytes (64 hex digits and a newline), atomically."""
+    import torch                                                   # only train.py and eval.py need it
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    payload = buffer.getvalue()
+    write_atomic(path, lambda f: f.write(hashlib.sha256(payload).hexdigest().encode() + b'\n' + payload))
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path` if its bytes match the checksum it was written with; else a DataError
+    that names it and says how to go on."""
+    import torch
+    with open(path, 'rb') as f:
+        blob = f.read()
+    digest, payload = blob[:64], blob[65:]
+    if blob[64:65] == b'\n' and hashlib.sha256(payload).hexdigest().encode() == digest:
+        return torch.load(io.BytesIO(payload), map_location='cpu', weights_only=False)
+    folder = os.path.dirname(path)
+    why = ('was written by an older train.py, without a checksum' if blob.startswith(b'PK')
+           else 'is damaged: its bytes do not match the checksum it was written with')
+    advice = 'Train again with --overwrite (results.json, if there, keeps the run\'s results).'
+    best = os.path.join(folder, 'best.pt')
+    if os.path.basename(path) == 'last.pt' and os.path.exists(best):
+        try:
+            epoch = load_checkpoint(best)['state']['best_epoch']
+            advice = (f'{best} is intact (epoch {epoch}): to go on from it, `cp {best} {path}` and run again '
+                      'with --resume; or start again with --overwrite.')
+        except DataError:
+            advice = f'{best} is damaged too. Start again with --overwrite.'
+    raise DataError(f'{path} {why}. {advice}')
 
 
 def batches_by_length(lengths, batch_size):
@@ -733,8 +767,8 @@ def build(args, held):
     if missing:
         raise DataError(f'{missing[0]}: file is missing. Put the original file there, or fetch it with '
                         f'`python data.py --download <NAME> --raw {args.raw}` (NAME like amazon2014-Beauty).')
-    config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'kcore', 'sample_users', 'max_value_chars',
-                                            'user_text_chars', 'eval_negatives', 'seed']}
+    config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'kcore', 'sample_users',
+                                            'max_value_chars', 'user_text_chars', 'eval_negatives', 'seed']}
     inputs = [{'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'sha256': sha256_file(p)}
               for p in (layout.reviews, layout.meta)]
     # `key` decides whether a folder may be reused: same inputs, config and code (this file's source,

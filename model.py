@@ -9,55 +9,76 @@ gru4rec (one GRU layer, Hidasi et al. 2016). Methods (ModelConfig.method), over 
   llminit  the same, its item table initialised by PCA of the language-model (LM) item table
   llmesr   LLM-ESR (Liu et al., NeurIPS 2024): the dual view of Sec. 3.2 (Recommender) and the
            retrieval-augmented self-distillation of Sec. 3.3 (the last section of this file)
+LLM-CFSR (2025) is llmesr without self-distillation (alpha 0) and with 4 heads, over embeddings of a
+contrastively tuned LM (embed.py --finetune).
 
 Padding is item 0 and sequences are left-padded, so the last column is the most recent item.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def option(default, help, **flag):
+    """A ModelConfig field that is also a train.py flag of the same name: its help and argparse extras."""
+    return field(default=default, metadata={'help': help, **flag})
+
+
 @dataclass
 class ModelConfig:
+    """The model's settings; train.py makes each field with a help text a flag (--d, --no-cross, ...).
+    The defaults are the paper's model; the one departure by default is causal attention."""
     n_items: int
-    method: str = 'llmesr'        # 'base' | 'llminit' | 'llmesr'
-    backbone: str = 'sasrec'      # 'sasrec' | 'gru4rec' | 'bert4rec'
-    d: int = 64                   # hidden size of each view
-    max_len: int = 200            # longest input; also the size of the position table
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.5
-    cross_heads: int = 2          # heads of the LLM-ESR cross-attention (official: 2)
-    # LLM-ESR switches: the defaults are the full model, each False is one of the paper's ablations
-    semantic: bool = True         # keep the semantic (LM) view
-    collaborative: bool = True    # keep the collaborative view
-    cross: bool = True            # cross-attention between the views
-    shared_encoder: bool = True   # one encoder for both views
-    pca_init: bool = True         # collaborative table from PCA of the LM table (else random)
-    adapter_layers: int = 2       # 2: d_llm -> d_llm/2 -> d, 1: d_llm -> d
-    # 'causal': no position sees a later one. 'official': as the official code, self- and cross-attention
-    # see every item of the sequence, so in training position t sees item t + 1, its own target
-    attention: str = 'causal'
-    # 'xavier': LM and PCA tables rescaled to the std of a xavier-initialised table. 'official': the
-    # semantic view reads unit-length LM rows and the collaborative table is their unscaled PCA
-    lm_scale: str = 'xavier'
-    # 'bce': one sampled negative per position (official); 'ce': softmax over all items;
-    # 'sampled': softmax over the target and `negatives` uniform items, log-Q corrected
-    loss: str = 'bce'
-    negatives: int = 256
-    # departure, in neither paper: tau of the popularity logit adjustment (Menon et al. 2021) in
-    # training; 0 is off. Training scores add tau * log(training popularity); ranking uses raw scores
-    logit_adjust: float = 0.0
+    method: str = option('llmesr', 'what to train: the backbone alone, LLMInit (its table from the LM), '
+                         'or LLM-ESR', choices=['base', 'llminit', 'llmesr'])
+    backbone: str = option('sasrec', 'sequence encoder', choices=['sasrec', 'gru4rec', 'bert4rec'])
+    d: int = option(64, 'hidden size of each view')
+    max_len: int = option(200, 'most recent items kept per sequence; also the size of the position table')
+    layers: int = option(2, 'transformer blocks')
+    heads: int = option(1, 'self-attention heads (LLM-CFSR: 4)')
+    dropout: float = option(0.5, 'dropout rate')
+    cross_heads: int = option(2, 'heads of the LLM-ESR cross-attention (official: 2)')
+    # LLM-ESR switches: each --no-X is one of the paper's ablations
+    semantic: bool = option(True, 'LLM-ESR: the semantic view')
+    collaborative: bool = option(True, 'LLM-ESR: the collaborative view')
+    cross: bool = option(True, 'LLM-ESR: cross-attention between the views')
+    shared_encoder: bool = option(True, 'LLM-ESR: one encoder for both views')
+    pca_init: bool = option(True, 'LLM-ESR: the collaborative table starts from PCA of the LM table')
+    adapter_layers: int = option(2, 'LLM-ESR adapter: 2 is d_llm -> d_llm/2 -> d, 1 is d_llm -> d',
+                                 choices=[1, 2])
+    attention: str = option('causal', 'causal: no position sees a later one (departure: the official code '
+                            'is not causal); official: self- and cross-attention see every item, so in '
+                            'training a position sees its own target', choices=['causal', 'official'])
+    lm_scale: str = option('official', 'official: unit-length LM rows and their unscaled PCA, as the '
+                           'official code; xavier (ablation): both rescaled to the std of a '
+                           'xavier-initialised table',
+                           choices=['official', 'xavier'])
+    loss: str = option('bce', "bce: the official code's loss, one sampled negative per target, "
+                       "-ln s(s+) - ln(1 - s(s-)); bpr: the papers' pairwise loss over the same negative, "
+                       '-ln s(s+ - s-); ce (ours): softmax over all items; sampled (ours): softmax over the '
+                       'target and --negatives uniform items, log-Q corrected',
+                       choices=['bce', 'bpr', 'ce', 'sampled'])
+    negatives: int = option(256, '--loss sampled: uniform negatives shared by a batch')
+    logit_adjust: float = option(0.0, 'departure, in neither paper: training scores add this times '
+                                 'log(training popularity) (Menon et al. 2021); ranking uses raw scores')
 
 
 def pick_device(name):
-    """'auto' -> CUDA when there is one, else the CPU; any other name as torch spells it."""
+    """'auto' -> CUDA when there is one, else the CPU; 'cpu', 'cuda' or 'cuda:N' when it exists."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}: this machine has no CUDA device; use --device cpu')
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"--device {name}: only 'cpu' and 'cuda' are supported")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +156,8 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p), x's dtype
-        return x * keep
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p)   # float32 draws, whatever x's dtype
+        return x * keep.mul_(1 / (1 - self.p)).to(x.dtype)        # 0 or 1/(1-p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +270,7 @@ def length_groups(lengths, keep=0.75):
     cost = lambda n, L: n * L * (L + 64)                           # noqa: E731
     groups = []
     while len(order) > 1:
-        k = torch.arange(1, len(order))                            # split off the k longest rows
+        k = torch.arange(1, len(order), device=lengths.device)     # split off the k longest rows
         apart = cost(k, longest[0]) + cost(len(order) - k, longest[k])
         if apart.min() > keep * cost(len(order), longest[0]):
             break
@@ -295,14 +316,14 @@ class Recommender(nn.Module):
         if llm_items is not None and cfg.method != 'base' and cfg.d > llm_items.shape[1]:
             raise ValueError(f'd = {cfg.d} is larger than the LM\'s {llm_items.shape[1]} dimensions; '
                              'use a smaller --d')
-        pad = lambda t: torch.cat([torch.zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
+        pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
         self.mask_id = cfg.n_items + 1 if cfg.backbone == 'bert4rec' else None
         rows = cfg.n_items + 1 + (self.mask_id is not None)         # padding, items, the mask token
 
         std = math.sqrt(2 / (cfg.n_items + 1 + cfg.d))               # xavier-normal std of the table
         # The official tables: unit-length LM rows (ada-002 returns them so) and their PCA, unscaled.
-        # Departure, cfg.lm_scale == 'xavier': both rescaled to the std of SASRec's xavier-initialised
-        # table, their geometry kept; unscaled MiniLM tables start ~15x larger than it.
+        # The ablation cfg.lm_scale == 'xavier' rescales both to the std of SASRec's xavier-initialised
+        # table, their geometry kept (unscaled MiniLM tables start ~15x larger than it).
         official = cfg.lm_scale == 'official'
         scaled = lambda t: t if official else t * (std / t.std().clamp(min=1e-12))  # noqa: E731
         if llm_items is not None:
@@ -321,17 +342,18 @@ class Recommender(nn.Module):
             if self.mask_id is not None:
                 self.llm_mask = nn.Parameter(torch.randn(d_llm) * std)  # (d_llm,) the mask token's LM vector
             # the official adapter has no nonlinearity between its two layers; neither has this one
-            self.adapter = (nn.Sequential(nn.Linear(d_llm, d_llm // 2), nn.Linear(d_llm // 2, cfg.d))
-                            if cfg.adapter_layers == 2 else nn.Linear(d_llm, cfg.d))
+            widths = [d_llm, d_llm // 2, cfg.d] if cfg.adapter_layers == 2 else [d_llm, cfg.d]
+            self.adapter = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
         two = self.use_sem and self.use_co
         if two and cfg.cross:
-            # bias-free projections as in the official Multi_CrossAttention
-            self.sem_over_co = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
-            self.co_over_sem = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
+            # named by the stream each makes (encode()); bias-free as the official Multi_CrossAttention
+            self.cross_co = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
+            self.cross_sem = MultiHeadAttention(cfg.d, cfg.cross_heads, 0.0, bias=False)
         self.encoder = SeqEncoder(cfg)
         self.encoder2 = SeqEncoder(cfg) if two and not cfg.shared_encoder else None
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and 'items' not in name:
+        own_init = {id(self.co_items.weight)} if self.use_co else set()   # the item table, set above
+        for p in self.parameters():
+            if p.dim() == 2 and id(p) not in own_init:
                 nn.init.xavier_normal_(p)
 
     def item_table(self, ids=None):
@@ -355,8 +377,8 @@ class Recommender(nn.Module):
         Its two layers have no nonlinearity between them, so they are applied as their product, one
         (d, d_llm) matrix: the same function and gradients for a third of the multiply-adds.
         """
-        if isinstance(self.adapter, nn.Linear):
-            return self.adapter(x)
+        if len(self.adapter) == 1:
+            return self.adapter[0](x)
         first, second = self.adapter
         return F.linear(x, second.weight @ first.weight, second.weight @ first.bias + second.bias)
 
@@ -371,6 +393,8 @@ class Recommender(nn.Module):
         """
         table = self.item_table() if table is None else table
         rows = seq if rows is None else rows
+        if seq.is_cuda:                   # the same result; grouping's sizes would wait on the GPU
+            return self.encode(seq, table, rows)
         groups = length_groups((seq != 0).sum(1))
         if len(groups) == 1:
             return self.encode(seq, table, rows)
@@ -400,9 +424,9 @@ class Recommender(nn.Module):
             co, sem = views
             bias = self.cross_bias(seq)
             # LLM-ESR Sec. 3.2's cross-attention. As in the official code, each view's new sequence
-            # holds the *other* view's values, with no residual path: semantic queries over
-            # collaborative keys/values make the collaborative stream
-            views = [self.sem_over_co(sem, co, bias), self.co_over_sem(co, sem, bias)]
+            # holds the *other* view's values, with no residual path: the collaborative stream is
+            # semantic queries over collaborative keys and values, and the semantic stream the reverse
+            views = [self.cross_co(sem, co, bias), self.cross_sem(co, sem, bias)]
         if len(views) == 2 and self.encoder2 is not None:
             return torch.cat([self.encoder(views[0], seq), self.encoder2(views[1], seq)], dim=-1)
         # both views through the one shared encoder in a single batched pass
@@ -434,76 +458,99 @@ class Recommender(nn.Module):
     def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
         """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
 
-        `neg` depends on cfg.loss: 'bce', (B, L) one negative per position (the official loss);
-        'sampled', (K,) negatives shared by the batch; 'ce', None (every item is a negative).
+        `neg`, by cfg.loss: bce and bpr, (B, L) one negative per target (0 where pos is 0); sampled,
+        (K,) negatives shared by the batch; ce, an empty tensor (every item is a negative).
+        `teacher`: (B', D) each user's self-distillation target, no gradient (the last section).
+        Scores and losses are float32 even under bf16 autocast.
         """
         valid = pos != 0
-        if self.cfg.loss == 'ce':
+        loss_kind = self.cfg.loss
+        if loss_kind == 'ce':
             table = self.item_table()                              # (n_items + 1, D)
             states = self.user_states(seq, self.with_mask(table))  # (B, L, D)
-            logits = states[valid] @ table[1:].T + self.prior(slice(1, None))  # (N, n_items)
-            rec = F.cross_entropy(logits, pos[valid] - 1)
+            with torch.autocast(seq.device.type, enabled=False):
+                logits = states[valid].float() @ table[1:].float().T + self.prior(slice(1, None))  # (N, I)
+                rec = F.cross_entropy(logits, pos[valid] - 1)
         else:
-            # only the items this batch touches go through the adapter: a few thousand, not all
-            ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]),
-                                     return_inverse=True)
-            seq_rows, pos_rows, neg_rows = rows.split([seq.numel(), pos.numel(), neg.numel()])
-            table = self.item_table(ids)                           # (n_unique, D)
-            states = self.user_states(seq, table, seq_rows.view_as(seq))  # (B, L, D)
-            users = states[valid]                                  # (N, D)
-            pos_logits = (users * table[pos_rows.view_as(pos)[valid]]).sum(-1)  # (N,)
-            pos_logits = pos_logits + self.prior(pos[valid])
-            if self.cfg.loss == 'bce':
-                neg_logits = (users * table[neg_rows.view_as(neg)[valid]]).sum(-1) + self.prior(neg[valid])
-                rec = (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
-                       F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
-            else:
-                # log-Q correction: a negative drawn with probability q stands for 1 / (K q) items, so
-                # its logit gets - log(K q) and the sum over the K draws estimates the sum over all
-                # items (uniform draws: q = 1 / n_items). A draw equal to the target is no negative.
-                neg_logits = users @ table[neg_rows].T - math.log(len(neg) / self.cfg.n_items)  # (N, K)
-                neg_logits = neg_logits + self.prior(neg)
-                neg_logits = neg_logits.masked_fill(neg[None] == pos[valid][:, None], -float('inf'))
-                rec = -torch.cat([pos_logits[:, None], neg_logits], 1).log_softmax(1)[:, 0].mean()
+            if seq.is_cuda:     # the whole table: torch.unique's data-dependent size would wait on the GPU
+                table, seq_rows, pos_rows, neg_rows = self.with_mask(self.item_table()), seq, pos, neg
+            else:               # only the items this batch touches go through the adapter: a few thousand
+                ids, rows = torch.unique(torch.cat([seq.flatten(), pos.flatten(), neg.flatten()]),
+                                         return_inverse=True)
+                seq_rows, pos_rows, neg_rows = rows.split([seq.numel(), pos.numel(), neg.numel()])
+                table = self.item_table(ids)                       # (n_unique, D)
+                seq_rows, pos_rows = seq_rows.view_as(seq), pos_rows.view_as(pos)
+                neg_rows = neg_rows.view_as(neg)
+            states = self.user_states(seq, table, seq_rows)        # (B, L, D)
+            with torch.autocast(seq.device.type, enabled=False):
+                users, table = states[valid].float(), table.float()  # (N, D), (n, D)
+                pos_logits = (users * table[pos_rows[valid]]).sum(-1) + self.prior(pos[valid])  # (N,)
+                if loss_kind in ('bce', 'bpr'):
+                    neg_logits = (users * table[neg_rows[valid]]).sum(-1) + self.prior(neg[valid])  # (N,)
+                    rec = (-F.logsigmoid(pos_logits - neg_logits).mean() if loss_kind == 'bpr' else
+                           F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
+                           F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
+                else:
+                    # log-Q correction: a negative drawn with probability q stands for 1 / (K q) items, so
+                    # its logit gets - log(K q) and the sum over the K draws estimates the sum over all
+                    # items (uniform draws: q = 1 / n_items). A draw equal to the target is no negative.
+                    neg_logits = users @ table[neg_rows].T - math.log(len(neg) / self.cfg.n_items)  # (N, K)
+                    neg_logits = neg_logits + self.prior(neg)
+                    neg_logits = neg_logits.masked_fill(neg[None] == pos[valid][:, None], -float('inf'))
+                    rec = -torch.cat([pos_logits[:, None], neg_logits], 1).log_softmax(1)[:, 0].mean()
         parts = {'rec': rec.detach()}
         loss = rec
         if teacher is not None:
             # the first B' rows are the users' (BERT4Rec: the rows whose newest item is masked)
-            distill = distillation_loss(states[:len(teacher), -1], teacher)
+            distill = distillation_loss(states[:len(teacher), -1].float(), teacher.float())
             parts['distill'] = distill.detach()
             loss = loss + alpha * distill
         return loss, parts
+
+
+# What a run's saved config means for a key it lacks: a flag added since, whose behaviour before it
+# existed was not today's default (history was kept in full ranking; LM tables were rescaled).
+LEGACY = {'mask_history': False, 'lm_scale': 'xavier'}
+
+
+def build_model(config, n_items, llm_items=None, popularity=None):
+    """A Recommender from a run's flat config (train.py's flags): the keys named like ModelConfig's
+    fields are the model's. llm_items (n_items, d_llm) and popularity as Recommender takes them."""
+    cfg = ModelConfig(n_items, **{f.name: config.get(f.name, LEGACY.get(f.name, f.default))
+                                  for f in fields(ModelConfig)[1:]})
+    return Recommender(cfg, llm_items, popularity if cfg.logit_adjust else None)
 
 
 # ---------------------------------------------------------------------------------------------
 # retrieval-augmented self-distillation (LLM-ESR Sec. 3.3), all of it: who the teachers are, the
 # teacher, and the loss, L = L_rec + alpha * || u - mean_{v in N(u)} u_v ||^2 / D, N(u) the users most
 # similar to u by cosine of their LM user embeddings (the MSE averages over the batch too). train.py
-# keeps `table`, every user's representation u_v, refreshed by each epoch's validation pass.
+# keeps `user_reps`, every user's representation u_v, refreshed by each epoch's validation pass.
 
 
 def similar_users(user_emb, n, chunk=None):
     """(U, d) -> (U, n) int64: the n most cosine-similar other users of each user, best first.
 
-    Works on `chunk` users at a time so memory is O(chunk x U), never O(U x U); by default the
-    chunk keeps one block of similarities near 256 MiB whatever U is. A user never retrieves itself.
+    On the embeddings' device, `chunk` users at a time, so memory is O(chunk x U), never O(U x U); by
+    default a chunk keeps one block of similarities near 256 MiB whatever U is. A user never
+    retrieves itself.
     """
     if n >= len(user_emb):
         raise ValueError(f'cannot retrieve {n} similar users among {len(user_emb)} users')
     chunk = chunk or max(1, (64 << 20) // len(user_emb))           # 64 Mi float32 = 256 MiB
     unit = F.normalize(user_emb.float(), dim=1)                    # (U, d)
-    out = torch.empty(len(unit), n, dtype=torch.long)
+    out = torch.empty(len(unit), n, dtype=torch.long, device=unit.device)
     for start in range(0, len(unit), chunk):
         sims = unit[start:start + chunk] @ unit.T                  # (c, U)
-        rows = torch.arange(len(sims))
+        rows = torch.arange(len(sims), device=unit.device)
         sims[rows, rows + start] = -float('inf')
         out[start:start + chunk] = sims.topk(n, dim=1).indices
     return out
 
 
-def teacher(table, similar):
-    """(U, D) user representations, (B, N) similar users -> (B, D): the mean of their representations."""
-    return table[similar].mean(1)
+def neighbour_mean(user_reps, similar):
+    """(U, D) every user's representation, (B, N) similar users -> (B, D) teachers: their mean."""
+    return user_reps[similar].mean(1)
 
 
 def distillation_loss(student, teacher):

@@ -25,15 +25,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
-from data import DataError, git_commit, guard_out, or_exit, write_atomic, write_json_atomic
-from eval import (build, evaluate, group_masks, load_checkpoint, markdown_table, save_checkpoint, trim,
-                  user_vectors)
-from model import pick_device, similar_users, teacher
+from data import (DataError, git_commit, guard_out, load_checkpoint, or_exit, save_checkpoint, write_atomic,
+                  write_json_atomic)
+from embed import load_inputs
+from eval import evaluate, group_masks, markdown_table, trim, user_vectors
+from model import ModelConfig, build_model, neighbour_mean, pick_device, similar_users
 
 
 class TrainingError(DataError):
@@ -41,62 +42,83 @@ class TrainingError(DataError):
 
 
 def get_args(argv=None):
+    """(args, resumable): the flags, and the names of those that may change when a run is resumed.
+
+    The model's flags are ModelConfig's fields (model.py), each defined there once with its help.
+    """
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    flag = p.add_argument
-    on_off = argparse.BooleanOptionalAction
+    resumable = set()
+
+    def flag(name, resume=False, **kw):
+        dest = p.add_argument(name, **kw).dest
+        if resume:
+            resumable.add(dest)
     flag('--data', required=True, help='processed folder written by data.py')
     flag('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
-    flag('--out', required=True, help='run folder: checkpoints and results')
-    flag('--method', default='llmesr', choices=['base', 'llminit', 'llmesr'], help='what to train')
-    flag('--backbone', default='sasrec', choices=['sasrec', 'gru4rec', 'bert4rec'], help='sequence encoder')
+    flag('--out', required=True, resume=True, help='run folder: checkpoints and results')
+    for f in fields(ModelConfig)[1:]:
+        name, extra = '--' + f.name.replace('_', '-'), dict(f.metadata)
+        if f.type is bool:
+            flag(name, action=argparse.BooleanOptionalAction, default=f.default, **extra)
+        else:
+            flag(name, type=f.type, default=f.default, **extra)
     flag('--mask-prob', type=float, default=0.6, help='BERT4Rec: share of items masked (official: 0.6)')
+    flag('--mask-history', action=argparse.BooleanOptionalAction, default=True,
+         help="full ranking hides the user's input items (--no-mask-history: the old protocol keeps them)")
     flag('--seed', type=int, default=42, help='seeds numpy, torch and the negative sampler')
-    flag('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
-    flag('--max-len', type=int, default=200, help='most recent items kept per sequence')
-    flag('--d', type=int, default=64, help='hidden size of each view')
-    flag('--layers', type=int, default=2, help='transformer blocks')
-    flag('--heads', type=int, default=1, help='self-attention heads')
-    flag('--cross-heads', type=int, default=2, help='heads of the LLM-ESR cross-attention (official: 2)')
-    flag('--dropout', type=float, default=0.5, help='dropout rate')
-    flag('--loss', default='bce', choices=['bce', 'ce', 'sampled'],
-         help='bce: one sampled negative per position (official); ce: softmax over all items; '
-              'sampled: softmax over the target and --negatives uniform items, log-Q corrected')
-    flag('--negatives', type=int, default=256, help='--loss sampled: negatives per batch')
-    flag('--logit-adjust', type=float, default=0.0,
-         help='departure: training scores add this times log(item popularity); ranking uses raw scores')
-    flag('--attention', default='causal', choices=['causal', 'official'],
-         help='official: self- and cross-attention see every item, so in training a position sees its target')
-    flag('--lm-scale', default='xavier', choices=['xavier', 'official'],
-         help='xavier: LM and PCA tables rescaled to a xavier table\'s std; official: unit LM rows, raw PCA')
-    flag('--keep-history', dest='mask_history', action='store_false',
-         help="full ranking leaves the user's input items rankable (default: they are hidden)")
     flag('--batch-size', type=int, default=128, help='users per training step')
     flag('--lr', type=float, default=1e-3, help='AdamW learning rate')
     flag('--weight-decay', type=float, default=0.0, help='AdamW weight decay (official l2: 0)')
     flag('--clip', type=float, default=0.0, help='clip the gradient norm to this (0: off)')
-    flag('--epochs', type=int, default=200, help='most epochs')
-    flag('--patience', type=int, default=20, help='stop after this many epochs without progress')
     flag('--alpha', type=float, default=0.1, help='weight of the self-distillation loss (llmesr; 0: off)')
     flag('--n-similar', type=int, default=10, help='similar users per teacher')
-    flag('--semantic', action=on_off, default=True, help='LLM-ESR: the semantic view')
-    flag('--collaborative', action=on_off, default=True, help='LLM-ESR: the collaborative view')
-    flag('--cross', action=on_off, default=True, help='LLM-ESR: cross-attention between the views')
-    flag('--shared-encoder', action=on_off, default=True, help='LLM-ESR: one encoder for both views')
-    flag('--pca-init', action=on_off, default=True, help='LLM-ESR: PCA-initialised collaborative table')
-    flag('--adapter-layers', type=int, default=2, choices=[1, 2], help='LLM-ESR: adapter depth (ablation: 1)')
-    flag('--ks', type=int, nargs='+', default=[10], help='cut-offs K reported for HR@K and NDCG@K')
-    flag('--eval-batch', type=int, default=1024, help='users per evaluation batch')
-    flag('--log-every', type=int, default=50, help='steps between log lines')
-    flag('--threads', type=int, default=0, help='CPU threads for torch (0: torch decides)')
-    flag('--compile', action='store_true', help='torch.compile the training step')
-    flag('--resume', action='store_true', help='continue from <out>/last.pt')
-    flag('--overwrite', action='store_true', help='replace the run in --out (its checkpoints and results)')
-    return p.parse_args(argv)
+    flag('--ks', type=int, nargs='+', default=[10],
+         help='cut-offs K of HR@K and NDCG@K, validation and test; early stopping on NDCG at the first')
+    flag('--epochs', type=int, default=200, resume=True, help='most epochs')
+    flag('--patience', type=int, default=20, resume=True, help='stop after this many epochs without progress')
+    flag('--tail-item-below', type=int, default=4, resume=True,
+         help="tail_item_paper: the target's popularity over all interactions is below this (eval.py)")
+    flag('--tail-user-below', type=int, default=9, resume=True,
+         help='tail_user_paper: the user has fewer items than this before the test item')
+    flag('--device', default='auto', resume=True, help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
+    flag('--threads', type=int, default=0, resume=True, help='CPU threads for torch (0: torch decides)')
+    flag('--eval-batch', type=int, default=1024, resume=True, help='users per evaluation batch')
+    flag('--eval-memory', type=int, default=1024, resume=True, help='MiB of scores per chunk of ranked items')
+    flag('--log-every', type=int, default=50, resume=True, help='steps between log lines')
+    flag('--compile', action='store_true', resume=True, help='torch.compile the training step')
+    flag('--resume', action='store_true', resume=True, help='continue from <out>/last.pt')
+    flag('--overwrite', action='store_true', resume=True,
+         help='replace the run in --out (its checkpoints and results)')
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args, resumable
 
 
-# settings that may differ between a run and its resumption
-RESUMABLE = {'resume', 'overwrite', 'out', 'device', 'threads', 'log_every', 'eval_batch', 'compile',
-             'epochs', 'patience'}
+def check_args(p, args):
+    """Refuse at once, naming the flag, what cannot work."""
+    for name in ('d', 'max_len', 'layers', 'heads', 'cross_heads', 'negatives', 'batch_size', 'n_similar',
+                 'epochs', 'patience', 'eval_batch', 'eval_memory', 'log_every'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 1')
+    for name in ('dropout', 'mask_prob'):
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a share in [0, 1)')
+    for name in ('alpha', 'weight_decay', 'clip', 'threads', 'logit_adjust'):
+        if getattr(args, name) < 0:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 0')
+    if args.lr <= 0 or min(args.ks) < 1:
+        p.error('--lr takes a number above 0, --ks numbers of at least 1')
+    for heads in ('heads', 'cross_heads'):
+        if args.d % getattr(args, heads):
+            p.error(f'--{heads.replace("_", "-")} {getattr(args, heads)} does not divide --d {args.d}')
+    if args.method == 'llmesr' and not (args.semantic or args.collaborative):
+        p.error('--no-semantic and --no-collaborative together leave LLM-ESR no view; drop one')
+    if args.resume and args.overwrite:
+        p.error('--resume continues the run in --out and --overwrite replaces it; give one of them')
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def rng_state(np_rng, neg_gen):
@@ -162,8 +184,7 @@ def training_batch(rows, backbone, n_items, mask_prob, max_len, gen):
 
 
 def negatives_for(loss, targets, history, n_items, k, gen):
-    """The `neg` argument of Recommender.forward for `loss`: bce, (B, L) one negative per target;
-    sampled, (k,) uniform items shared by the batch; ce, an empty tensor (every item is a negative)."""
+    """The `neg` argument of Recommender.forward for `loss` (its docstring says what each loss takes)."""
     if loss == 'ce':
         return torch.zeros(0, dtype=torch.long)
     if loss == 'sampled':
@@ -204,11 +225,11 @@ class Tee:
 
 
 def main(argv=None):
-    args = get_args(argv)
-    or_exit(start, args)
+    args, resumable = get_args(argv)
+    or_exit(start, args, resumable)
 
 
-def start(args):
+def start(args, resumable):
     """Check --out (it may hold only this run, and only with --resume or --overwrite), then train, the
     printed lines going to <out>/train.log too."""
     held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
@@ -224,20 +245,33 @@ def start(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
         with contextlib.redirect_stdout(Tee(sys.stdout, log)):
-            train(args)
+            train(args, resumable)
 
 
-def train(args):
-    config = vars(args)
-    commit = git_commit()                                          # the code this run starts from
+def set_up_device(args):
+    """The device, with the precision and determinism settings that go with it."""
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == 'cuda':           # the CPU is deterministic for a seed and a thread count already
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some kernels have no such variant
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def train(args, resumable):
+    config = dict(vars(args))                                      # the run's record; args stays as parsed
+    commit = git_commit()                                          # the code this run starts from
+    device = set_up_device(args)
     last_path, best_path = os.path.join(args.out, 'last.pt'), os.path.join(args.out, 'best.pt')
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     neg_gen = torch.Generator().manual_seed(args.seed)
-    data, model, llm_users, config['emb_id'] = build(config, device)
+    data, llm_items, llm_users, config['emb_id'] = load_inputs(config)
+    config['data_fingerprint'] = data.fingerprint
+    model = build_model(config, data.n_items, None if llm_items is None else torch.from_numpy(llm_items),
+                        data.item_popularity()).to(device)
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable '
           f'parameters, {data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -247,35 +281,51 @@ def train(args):
                 else contextlib.nullcontext())
 
     distill = args.method == 'llmesr' and args.alpha > 0
-    similar = similar_users(torch.from_numpy(llm_users), args.n_similar) if distill else None  # (U, N)
+    if distill and args.n_similar >= data.n_users:
+        raise DataError(f'--n-similar {args.n_similar}: the data has {data.n_users} users; give fewer.')
+    similar = (similar_users(torch.from_numpy(llm_users).to(device), args.n_similar).cpu()  # (U, N)
+               if distill else None)
     train_rows = data.padded(2, args.max_len + 1)                  # (U, max_len + 1) input + last target
     valid_in, valid_t = data.padded(2, args.max_len), data.target(2)
-    valid_groups = group_masks(valid_t, data.head_items(), data.head_users())
+    valid_groups = group_masks(data, valid_t, args.tail_item_below, args.tail_user_below)
+    k = args.ks[0]                                                 # early stopping on NDCG@k
 
-    # state['teacher']: the self-distillation table, every user's representation (U, D)
-    state = {'epoch': 0, 'next_batch': 0, 'batches': None, 'teacher': None, 'best': -1.0, 'best_epoch': -1,
-             'bad_epochs': 0, 'step': 0, 'epoch_seconds': [], 'history': []}
+    # every key of a run's state, saved in each checkpoint; user_reps: every user's representation
+    # (U, D), the self-distillation teachers' table
+    state = {'epoch': 0, 'next_batch': 0, 'batches': None, 'user_reps': None, 'best': -1.0, 'best_epoch': -1,
+             'bad_epochs': 0, 'step': 0, 'seconds': 0.0, 'loss_sum': 0.0, 'epoch_seconds': [], 'history': []}
     if args.resume:
         if not os.path.exists(last_path):
             raise TrainingError(f'--resume: {last_path} does not exist; start without --resume.')
         ckpt = load_checkpoint(last_path)
         saved = ckpt['config']
-        changed = sorted(k for k in set(config) | set(saved)
-                         if k not in RESUMABLE and config.get(k) != saved.get(k))
+        changed = sorted(key for key in set(config) | set(saved)
+                         if key not in resumable and config.get(key) != saved.get(key))
         if changed:
             raise TrainingError(f'--resume: {last_path} was trained with other settings: ' +
-                                ', '.join(f'{k}={saved.get(k)!r} (now {config.get(k)!r})' for k in changed) +
-                                '. Use the same flags, or a new --out.')
+                                ', '.join(f'{key}={saved.get(key)!r} (now {config.get(key)!r})'
+                                          for key in changed) + '. Use the same flags, or a new --out.')
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         set_rng_state(ckpt['rng'], np_rng, neg_gen)
-        state = ckpt['state']
+        state.update(ckpt['state'])
         print(f'resumed from {last_path}: epoch {state["epoch"]}, batch {state["next_batch"]}')
 
     def checkpoint(path):
         save_checkpoint(path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                'config': config, 'model_config': asdict(model.cfg),
                                'rng': rng_state(np_rng, neg_gen), 'state': state})
+
+    def read_losses(sums, first_step):
+        """The device-side loss sums since first_step, read (one host sync) and checked for NaN."""
+        values = {name: float(v) for name, v in sums.items()}
+        for name, value in values.items():
+            if not np.isfinite(value):
+                good = (f'The last good checkpoint is {last_path} (epoch {state["epoch"] - 1}).'
+                        if os.path.exists(last_path) else 'No checkpoint was written yet.')
+                raise TrainingError(f'epoch {state["epoch"]}, steps {first_step}-{state["step"]}: the '
+                                    f'{name} loss is {value}; stopped. {good} Try a lower --lr or --clip 1.')
+        return values
 
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -284,12 +334,12 @@ def train(args):
         started = time.time()
         if state['next_batch'] == 0:
             state['batches'] = epoch_batches(data.n_users, args.batch_size, np_rng)
-            state['seconds'] = 0.0
-            if distill and state['teacher'] is None:               # the first epoch's teachers
-                state['teacher'] = user_vectors(model, valid_in, args.eval_batch, device)
+            state['seconds'], state['loss_sum'] = 0.0, 0.0
+            if distill and state['user_reps'] is None:             # the first epoch's teachers
+                state['user_reps'] = user_vectors(model, valid_in, args.eval_batch, device)
         model.train()
-        tick, seen = time.time(), 0
-        state.setdefault('loss_sum', 0.0)
+        tick, seen, window_start = time.time(), 0, state['step'] + 1
+        sums = {}                                                  # on the device, since the last read
         n_batches = len(state['batches'])
         for b in range(state['next_batch'], n_batches):
             idx = state['batches'][b]
@@ -298,47 +348,47 @@ def train(args):
                                                args.max_len, neg_gen)
             neg = negatives_for(args.loss, pos, history, data.n_items, args.negatives, neg_gen)
             seq, pos, neg = (to_device(t, device) for t in (seq, pos, neg))
-            teachers = to_device(teacher(state['teacher'], similar[idx]), device) if distill else None
+            teacher = to_device(neighbour_mean(state['user_reps'], similar[idx]), device) if distill else None
             with autocast:
-                loss, parts = step_fn(seq, pos, neg, teachers, args.alpha)
-            for name, value in [('total', loss), *parts.items()]:
-                if not torch.isfinite(value):
-                    good = (f'The last good checkpoint is {last_path} (epoch {state["epoch"] - 1}).'
-                            if os.path.exists(last_path) else 'No checkpoint was written yet.')
-                    raise TrainingError(f'epoch {epoch}, step {state["step"]}: the {name} loss is '
-                                        f'{value.item()}; stopped. {good} Try a lower --lr or --clip 1.')
+                loss, parts = step_fn(seq, pos, neg, teacher, args.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             state['step'] += 1
-            state['loss_sum'] += loss.item()
             seen += len(idx)
-            if state['step'] % args.log_every == 0:
-                ms = (time.time() - tick) * 1000 / max(1, b + 1 - state['next_batch'])
-                print(f'epoch {epoch} step {state["step"]} | loss {loss.item():.4f} ' +
-                      ' '.join(f'{k} {v.item():.4f}' for k, v in parts.items()) +
-                      f' | lr {args.lr:g} | {ms:.0f} ms/step | {seen / (time.time() - tick):.0f} seq/s',
-                      flush=True)
+            for name, value in [('total', loss.detach()), *parts.items()]:
+                sums[name] = sums.get(name, 0) + value.double()
+            last = b + 1 == n_batches
+            if state['step'] % args.log_every == 0 or last or interrupted:
+                losses = read_losses(sums, window_start)
+                state['loss_sum'] += losses['total']
+                if state['step'] % args.log_every == 0:
+                    n = state['step'] - window_start + 1
+                    ms = (time.time() - tick) * 1000 / max(1, b + 1 - state['next_batch'])
+                    print(f'epoch {epoch} step {state["step"]} | loss ' +
+                          ' '.join(f'{name} {v / n:.4f}' for name, v in losses.items()) +
+                          f' | lr {args.lr:g} | {ms:.0f} ms/step | {seen / (time.time() - tick):.0f} seq/s',
+                          flush=True)
+                sums, window_start = {}, state['step'] + 1
             if interrupted:
                 state['next_batch'] = b + 1
                 state['seconds'] += time.time() - started
                 checkpoint(last_path)
                 print(f'interrupted: saved {last_path} (epoch {epoch}, batch {b + 1}); go on with --resume')
                 sys.exit(130)
-        state['epoch_seconds'].append(state.pop('seconds', 0.0) + time.time() - started)
+        state['epoch_seconds'].append(state['seconds'] + time.time() - started)
         state['next_batch'] = 0
 
         started = time.time()
-        results, _, vectors = evaluate(model, valid_in, valid_t, data.eval_negatives, valid_groups, [10],
-                                       args.eval_batch, device, args.mask_history)
+        results, _, vectors = evaluate(model, valid_in, valid_t, data.eval_negatives, valid_groups, args.ks,
+                                       args.eval_batch, device, args.mask_history, args.eval_memory)
         if distill:
-            state['teacher'] = vectors                             # next epoch's teachers, at no extra cost
+            state['user_reps'] = vectors                           # next epoch's teachers, at no extra cost
         full = results['full']
-        ndcg = full['overall']['NDCG@10']
-        loss = state.pop('loss_sum') / n_batches
-        state['history'].append({'epoch': epoch, 'train_loss': loss, 'valid': full})
+        ndcg = full['overall'][f'NDCG@{k}']
+        state['history'].append({'epoch': epoch, 'train_loss': state['loss_sum'] / n_batches, 'valid': full})
         better = ndcg > state['best']
         if better:
             state['best'], state['best_epoch'], state['bad_epochs'] = ndcg, epoch, 0
@@ -348,24 +398,26 @@ def train(args):
         if better:
             checkpoint(best_path)
         checkpoint(last_path)
-        print(f'epoch {epoch} valid | NDCG@10 {ndcg:.4f} HR@10 {full["overall"]["HR@10"]:.4f} '
-              f'| tail item {full["tail_item"]["NDCG@10"]:.4f}/{full["tail_item"]["HR@10"]:.4f} '
-              f'| tail user {full["tail_user"]["NDCG@10"]:.4f}/{full["tail_user"]["HR@10"]:.4f} '
+        print(f'epoch {epoch} valid | NDCG@{k} {ndcg:.4f} HR@{k} {full["overall"][f"HR@{k}"]:.4f} '
+              f'| tail item {full["tail_item"][f"NDCG@{k}"]:.4f}/{full["tail_item"][f"HR@{k}"]:.4f} '
+              f'| tail user {full["tail_user"][f"NDCG@{k}"]:.4f}/{full["tail_user"][f"HR@{k}"]:.4f} '
               f'| train {state["epoch_seconds"][-1]:.1f} s, eval {time.time() - started:.1f} s'
               f'{" *" if better else ""}', flush=True)
 
+    if state['best_epoch'] < 0:
+        raise TrainingError(f'no epoch was trained (--epochs {args.epochs}); nothing to test.')
     test(args, config, data, model, state, device, commit)
 
 
 def test(args, config, data, model, state, device, commit):
     model.load_state_dict(load_checkpoint(os.path.join(args.out, 'best.pt'))['model'])
     inputs, targets = data.padded(1, args.max_len), data.target(1)
-    groups = group_masks(targets, data.head_items(), data.head_users())
+    groups = group_masks(data, targets, args.tail_item_below, args.tail_user_below)
     started = time.time()
     results, ranks, _ = evaluate(model, inputs, targets, data.eval_negatives, groups, args.ks,
-                                 args.eval_batch, device, args.mask_history)
+                                 args.eval_batch, device, args.mask_history, args.eval_memory)
     out = {'test': results, 'config': config, 'best_epoch': state['best_epoch'],
-           'best_valid_ndcg10': state['best'], 'epochs_run': state['epoch'],
+           f'best_valid_ndcg{args.ks[0]}': state['best'], 'epochs_run': state['epoch'],
            'epoch_seconds': state['epoch_seconds'], 'train_seconds': float(sum(state['epoch_seconds'])),
            'test_eval_seconds': time.time() - started, 'valid_history': state['history'],
            'data_fingerprint': data.fingerprint, 'device': str(device), 'torch': torch.__version__,

@@ -3,15 +3,18 @@
     python -m pytest -q experiments/test_experiments.py
 """
 import json
+import math
 import os
+import shutil
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_smoke import tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
+from test_smoke import fails_cleanly, tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
 
 
 def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
@@ -94,3 +97,133 @@ def test_drift_measures_rows_against_their_start_and_the_lm_neighbours(tiny_runs
     drift.main(['--run', tiny_runs[0], '--run', tiny_runs[1]])
     out = capsys.readouterr().out
     assert out.count(f'| {tiny_runs[0]} | ') == 2 and 'random →' in out and out.count(f'| {tiny_runs[1]} | ') == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# compare.py: the multi-seed report, the paired test, the popularity plot; regroup.py
+
+
+def test_report_and_paired_skip_or_name_unfinished_and_corrupt_runs(tiny_runs, tmp_path, capsys):
+    import compare
+    running = tmp_path / 'running'
+    running.mkdir()
+    corrupt = shutil.copytree(tiny_runs[1], tmp_path / 'corrupt')
+    (corrupt / 'results.json').write_text('{"test": ')
+    compare.main(['--report', f'{tiny_runs[0]}/results.json', f'{running}/results.json', f'{corrupt}/results.json',
+                  tiny_runs[0]])
+    out, err = capsys.readouterr()
+    assert out.count('| base (sasrec)') == 4 and 'llmesr' not in out         # two tables, two protocols
+    assert f'skipped {running}/results.json: no results yet' in err and f'skipped {corrupt}/results.json: corrupt' in err
+    assert 'given twice' in err                                               # one run is one seed, once
+    fails_cleanly(compare.main, ['--paired', tiny_runs[0], str(running)], r'running/results.json: no results here',
+                  [tiny_runs[0]], tmp_path)
+    (corrupt / 'results.json').write_bytes(open(f'{tiny_runs[1]}/results.json', 'rb').read())
+    (corrupt / 'test_ranks.npz').write_bytes(b'not a zip')
+    fails_cleanly(compare.main, ['--paired', tiny_runs[0], str(corrupt)], r'test_ranks.npz is corrupt',
+                  [tiny_runs[0]], tmp_path)
+
+
+def test_paired_test_of_one_group_compares_only_its_users(tiny, tiny_runs, capsys):
+    import compare
+    import eval as evaluation
+    masks = evaluation.group_masks(tiny, tiny.target(1))
+    bucket = next(g for g in evaluation.BUCKETS if masks[g].any())
+    for group in ('overall', 'tail_user', 'tail_user_paper', bucket):
+        compare.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', group])
+        got = json.loads(capsys.readouterr().out)
+        a, b = (compare.user_ndcg([r])[masks[group]] for r in (tiny_runs[1], tiny_runs[0]))
+        assert got['users'] == masks[group].sum()
+        assert math.isclose(got['mean_difference'], float((a - b).mean()), abs_tol=1e-12)
+    empty = next(g for g in evaluation.GROUPS if not masks[g].any())
+    with pytest.raises(SystemExit, match=f'--group {empty}: no test user'):
+        compare.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', empty])
+
+
+def test_paired_refuses_a_run_twice_and_runs_of_other_variants(tiny_runs, tmp_path, capsys):
+    import compare
+    fails_cleanly(compare.main, ['--paired', f'{tiny_runs[1]},{tiny_runs[1]}', tiny_runs[0]],
+                  r'a seed is given twice', [tiny_runs[1]], tmp_path)
+    fails_cleanly(compare.main, ['--paired', f'{tiny_runs[1]},{tiny_runs[0]}', tiny_runs[0]],
+                  r'is not a seed of .*method', [tiny_runs[1]], tmp_path)
+    compare.main(['--paired', tiny_runs[0], tiny_runs[0]])                   # no difference: t is null, valid JSON
+    got = json.loads(capsys.readouterr().out)
+    assert got['t'] is None and got['p_two_sided'] is None
+
+
+def test_plot_text_and_missing_matplotlib(tiny, tiny_runs, capsys, monkeypatch, tmp_path):
+    import compare
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    with pytest.raises(SystemExit, match=r'needs matplotlib \(pip install matplotlib\); the same numbers as text'):
+        compare.main(['--plot', str(tmp_path / 'p.png'), tiny_runs[0], tiny_runs[1]])
+    assert not (tmp_path / 'p.png').exists()
+    (tmp_path / 'p.png').write_text('an earlier plot')
+    fails_cleanly(compare.main, ['--plot', str(tmp_path / 'p.png'), tiny_runs[0]],
+                  r'p.png exists and is never written over', [str(tmp_path)], tmp_path)
+
+
+def fake_run(folder, seed, hr, ranks, **config):
+    import eval as evaluation
+    os.makedirs(folder)
+    test = {p: {g: {'HR@10': hr, 'NDCG@10': hr / 2, 'users': 4} for g in evaluation.PARETO} for p in ('full', 'sampled')}
+    base = {'method': 'llmesr', 'backbone': 'sasrec', 'seed': seed, 'loss': 'bce', 'alpha': 0.1, 'adapter_layers': 2,
+            'mask_history': True, 'lm_scale': 'official',
+            'teacher': 'table', 'no_cross': False, 'data': 'processed/beauty', 'emb': 'emb/minilm', 'emb_id': 'e1'}
+    json.dump({'test': test, 'config': {**base, **config}, 'epoch_seconds': [1.0], 'commit': 'abc1234'},
+              open(f'{folder}/results.json', 'w'))
+    np.savez(f'{folder}/test_ranks.npz', full=np.array(ranks), sampled=np.array(ranks))
+
+
+def test_report_mean_std_and_paired_statistic_match_independent_computations(tmp_path, capsys):
+    import compare
+    fake_run(tmp_path / 'a1', 1, 0.2, [0, 3, 20, 1])
+    fake_run(tmp_path / 'a2', 2, 0.4, [0, 1, 20, 5])
+    fake_run(tmp_path / 'b1', 1, 0.1, [2, 30, 9, 40], no_cross=True)                    # a flag's old name
+    fake_run(tmp_path / 'b2', 2, 0.3, [2, 30, 9, 40], cross=False)                      # and its new one
+    fake_run(tmp_path / 'c3', 3, 0.8, [0, 0, 0, 0], emb='emb/minilm-cft', emb_id='e2')   # other embeddings
+    fake_run(tmp_path / 'd3', 3, 0.6, [0, 0, 0, 0], mask_history=False)                  # another protocol
+    fake_run(tmp_path / 'e1', 1, 0.6, [0, 0, 0, 0], alpha=-1.0)                          # another alpha
+    fake_run(tmp_path / 'a3', 1, 0.9, [0, 0, 0, 0])                                      # seed 1 again
+    table = compare.report([str(tmp_path / r / 'results.json') for r in ('a1', 'a2', 'b1', 'b2', 'c3', 'd3', 'e1', 'a3')])
+    assert '| llmesr (sasrec) --no-mask-history | beauty, minilm | 3 | full | 0.6000 | 0.3000 |' in table
+    assert f'| llmesr (sasrec) | beauty, minilm | 1, 2 | full | 0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f} |' in table
+    assert f'| llmesr (sasrec) --no-cross | beauty, minilm | 1, 2 | full | 0.2000 ± {np.std([0.1, 0.3], ddof=1):.4f} |' in table
+    assert '| llmesr (sasrec) | beauty, minilm-cft | 3 | full | 0.8000 | 0.4000 |' in table
+    assert '| llmesr (sasrec) --alpha -1.0 | beauty, minilm | 1 | full | 0.6000 |' in table
+    assert 'seed 1 of this variant is' in capsys.readouterr().err
+    a = compare.user_ndcg([str(tmp_path / 'a1'), str(tmp_path / 'a2')])
+    assert math.isclose(a[1], (1 / math.log2(5) + 1 / math.log2(3)) / 2)
+    b = np.array([0.1, 0.5, 0.3, 0.2])
+    got = compare.paired_test(a, b)
+    from scipy import stats
+    ref = stats.ttest_rel(a, b)
+    assert math.isclose(got['t'], ref.statistic, rel_tol=1e-9)
+    assert math.isclose(got['p_two_sided'], 2 * stats.norm.sf(abs(ref.statistic)), rel_tol=1e-9)
+
+
+def test_variant_names_only_the_settings_its_method_uses():
+    import compare
+    config = {'backbone': 'sasrec', 'loss': 'ce', 'mask_history': True, 'cross': False, 'lm_scale': 'xavier'}
+    name = lambda method: compare.variant({**config, 'method': method})  # noqa: E731
+    assert name('llmesr') == 'llmesr (sasrec) --no-cross --lm-scale xavier --loss ce'
+    assert name('llminit') == 'llminit (sasrec) --lm-scale xavier --loss ce'   # the scale of its PCA table
+    assert name('base') == 'base (sasrec) --loss ce'                            # no LM table to scale
+    assert compare.variant({'method': 'base', 'backbone': 'sasrec'}) == 'base (sasrec) --no-mask-history'  # an old run
+
+
+def test_regroup_adds_the_missing_groups_from_the_test_ranks_and_nothing_else(tiny, tiny_runs, tmp_path):
+    import eval as evaluation
+    import regroup
+    run = shutil.copytree(tiny_runs[1], tmp_path / 'run')
+    res = json.load(open(run / 'results.json'))
+    kept = {p: {g: res['test'][p][g] for g in evaluation.PARETO} for p in res['test']}
+    for p in res['test']:                                                     # as a run from before the groups
+        res['test'][p] = dict(kept[p])
+    json.dump(res, open(run / 'results.json', 'w'))
+    regroup.main(['--data', tiny.folder, str(run)])
+    after = json.load(open(run / 'results.json'))
+    original = json.load(open(f'{tiny_runs[1]}/results.json'))
+    for p in after['test']:
+        assert after['test'][p] == original['test'][p]                       # as the run computed them itself
+    assert after['regrouped'][0]['groups'] == [g for g in evaluation.GROUPS if g not in evaluation.PARETO]
+    regroup.main(['--data', tiny.folder, str(run)])                          # nothing left to add: untouched
+    assert json.load(open(run / 'results.json')) == after
