@@ -3,6 +3,7 @@
     python experiments/compare.py --report runs/*/results.json        # mean ± std over seeds, per variant
     python experiments/compare.py --paired runs/llmesr runs/sasrec --group tail_item   # A,B,C for seeds
     python experiments/compare.py --plot longtail.png runs/sasrec runs/llmesr   # NDCG@10 by popularity
+    python experiments/compare.py --table runs/sasrec runs/llminit runs/llmesr  # per group, paired t
 
 Runs are pooled as seeds of one variant only when they trained the same thing: every setting that
 changes results agrees (variant() names the ones off their defaults), and they read the same
@@ -204,6 +205,28 @@ def paired(a_runs, b_runs, group, k=10):
     return {'group': group, **paired_test(user_ndcg(a_runs, k)[users], user_ndcg(b_runs, k)[users])}
 
 
+def table(sides, groups, k=10):
+    """Markdown: NDCG@k of each side (comma-separated seeds, averaged per user) in each group, and the
+    paired t over that group's users of every side after the first against the first."""
+    (config, fingerprint), ndcg = side(sides[0]), {}
+    for runs in sides:
+        if side(runs)[1] != fingerprint:
+            raise DataError(f'--table: {runs[0]} was trained on other processed data than {sides[0][0]}.')
+        ndcg[','.join(runs)] = user_ndcg(runs, k)
+    masks = {g: group_of_run(config, g) for g in groups}
+    lines = ['| runs | ' + ' | '.join(f'{g} ({masks[g].sum():,})' for g in groups) + ' |',
+             '|---|' + '---:|' * len(groups)]
+    base = ndcg[','.join(sides[0])]
+    for name, values in ndcg.items():
+        cells = []
+        for g in groups:
+            m = masks[g]
+            t = paired_test(values[m], base[m])['t'] if m.sum() > 1 and values is not base else None
+            cells.append(f'{values[m].mean():.4f}' + (f' (t {t:+.2f})' if t is not None else '') if m.any() else '-')
+        lines.append(f'| {name} | {" | ".join(cells)} |')
+    return '\n'.join(lines) + '\n'
+
+
 def plot(path, runs, k=10):
     """NDCG@k by the target's training popularity (eval.py's buckets), from each run's results.json:
     a text table, and a PNG at `path`."""
@@ -247,6 +270,9 @@ def main(argv=None):
                      help='paired t over users of test NDCG@K (full ranking) between two comma-separated '
                           'lists of run folders (seeds averaged per user)')
     how.add_argument('--plot', nargs='+', metavar=('PNG', 'RUN'), help='a PNG file, then run folders')
+    how.add_argument('--table', nargs='+', metavar='RUNS', help='comma-separated seeds per variant, the first '
+                     'the baseline: NDCG@K per group (--groups) with paired t against the baseline')
+    p.add_argument('--groups', nargs='+', default=list(BUCKETS), choices=GROUPS, help='the groups of --table')
     p.add_argument('--group', default='overall', choices=GROUPS, help='users that --paired compares')
     p.add_argument('--k', type=int, default=10, help='the cut-off K')
     args = p.parse_args(argv)
@@ -254,6 +280,8 @@ def main(argv=None):
         p.error(f'--k {args.k}: give a cut-off of at least 1')
     if args.report:
         print(report(args.report, args.k))
+    elif args.table:
+        print(or_exit(table, [s.split(',') for s in args.table], args.groups, args.k))
     elif args.paired:
         a, b = (s.split(',') for s in args.paired)
         print(json.dumps(or_exit(paired, a, b, args.group, args.k), indent=1))

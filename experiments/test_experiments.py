@@ -227,3 +227,14 @@ def test_regroup_adds_the_missing_groups_from_the_test_ranks_and_nothing_else(ti
     assert after['regrouped'][0]['groups'] == [g for g in evaluation.GROUPS if g not in evaluation.PARETO]
     regroup.main(['--data', tiny.folder, str(run)])                          # nothing left to add: untouched
     assert json.load(open(run / 'results.json')) == after
+
+
+def test_table_gives_each_group_with_paired_t_against_the_first(tiny, tiny_runs, capsys):
+    import compare
+    compare.main(['--table', tiny_runs[0], tiny_runs[1], '--groups', 'overall', 'tail_user'])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('| runs | overall (40) | tail_user (')
+    assert '(t ' not in out[2] and out[3].count('(t ') == 2                # the baseline has no t against itself
+    compare.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', 'tail_user'])
+    t = json.loads(capsys.readouterr().out)['t']
+    assert f'(t {t:+.2f})' in out[3]
