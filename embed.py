@@ -238,7 +238,8 @@ def finetune(model, tokenizer, items, cfg, device):
     """Contrastive fine-tuning on item attributes; (model, report). items: [(subject, attrs)].
 
     cfg: views, drop, steps, batch_size, lr, temperature, temperature_lr, warmup, seed, max_length,
-    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then linear decay to 0.
+    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then
+    linear decay to 0.
     """
     rng = np.random.default_rng(cfg['seed'])
     torch.manual_seed(cfg['seed'])
@@ -392,8 +393,8 @@ def main(argv=None):
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
-    for name, least in (('max_length', 2), ('batch_size', 1), ('views', 2), ('steps', 1), ('ft_batch_size', 2),
-                        ('heldout', 0), ('train_layers', 0), ('lora_r', 1)):
+    for name, least in (('max_length', 2), ('batch_size', 1), ('views', 2), ('steps', 1),
+                        ('ft_batch_size', 2), ('heldout', 0), ('train_layers', 0), ('lora_r', 1)):
         if getattr(args, name) < least:
             p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least {least}')
     if not (0 <= args.drop < 1 and 0 <= args.lora_dropout < 1 and 0 <= args.warmup <= 1):
