@@ -115,7 +115,7 @@ def rank_targets(model, inputs, targets, negatives, batch_size, device, mask_his
         hidden = seq if mask_history else seq[:, :0]               # (B, L') items never recommended
         skip = torch.cat([hidden, target[:, None]], 1)             # ... nor counted against the target
         count = torch.zeros(len(idx), dtype=torch.long, device=device)
-        step = max(1, (memory_mib << 20) // (4 * len(idx)))
+        step = max(1, int(memory_mib * (1 << 20)) // (4 * len(idx)))  # items whose scores fit the cap
         for start in range(1, len(table), step):                   # padding (item 0) is never ranked
             scores = users @ table[start:start + step].T           # (B, c)
             rows, cols = ((skip >= start) & (skip < start + scores.shape[1])).nonzero(as_tuple=True)
@@ -131,8 +131,8 @@ def metrics(ranks, ks):
     out = {}
     for k in ks:
         hit = ranks < k
-        out[f'HR@{k}'] = float(hit.mean()) if len(ranks) else float('nan')
-        out[f'NDCG@{k}'] = float((hit / np.log2(ranks + 2)).mean()) if len(ranks) else float('nan')
+        out[f'HR@{k}'] = float(hit.mean()) if len(ranks) else None      # None: a group with no users
+        out[f'NDCG@{k}'] = float((hit / np.log2(ranks + 2)).mean()) if len(ranks) else None
     return out
 
 
@@ -173,7 +173,7 @@ def markdown_table(results, ks, title=''):
     for protocol, by_group in results.items():
         for g in (g for g in GROUPS if g in by_group):
             row = by_group[g]
-            cells = ' | '.join(f'{row[n]:.4f}' for n in names)
+            cells = ' | '.join('-' if row[n] is None else f'{row[n]:.4f}' for n in names)
             lines.append(f'| {protocol} | {g} | {row["users"]:,} | {cells} |')
     return '\n'.join(lines).lstrip('\n') + '\n'
 

@@ -35,7 +35,8 @@ class ModelConfig:
     method: str = option('llmesr', 'what to train: the backbone alone, LLMInit (its table from the LM), '
                          'or LLM-ESR', choices=['base', 'llminit', 'llmesr'])
     backbone: str = option('sasrec', 'sequence encoder', choices=['sasrec', 'gru4rec', 'bert4rec'])
-    d: int = option(64, 'hidden size of each view')
+    d: int = option(64, 'hidden size of each view (also --hidden: torchrun takes --d for one of its own)',
+                    also=['--hidden'])
     max_len: int = option(200, 'most recent items kept per sequence; also the size of the position table')
     layers: int = option(2, 'transformer blocks')
     heads: int = option(1, 'self-attention heads (LLM-CFSR: 4)')

@@ -403,6 +403,21 @@ class Fixed(torch.nn.Module):
         return torch.nn.functional.one_hot(seq[:, -1] - 100, len(self.scores)).float()
 
 
+def test_ranks_scored_a_chunk_of_items_at_a_time_equal_the_unchunked(tiny, tiny_runs):
+    model, d, config, device = evaluation.load_run(tiny_runs[1])
+    inputs, targets = d.padded(1, config['max_len']), d.target(1)
+    whole = evaluation.rank_targets(model, inputs, targets, d.eval_negatives, 16, device)
+    chunked = evaluation.rank_targets(model, inputs, targets, d.eval_negatives, 16, device, memory_mib=3e-4)
+    assert 3e-4 * (1 << 20) // (4 * 16) == 4                       # 4 items a chunk: 8 chunks of 29 items
+    for a, b in zip(whole, chunked):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    scores = model.user_vectors(torch.from_numpy(inputs), model.item_table()) @ model.item_table().T
+    scores[:, 0] = -float('inf')
+    scores.scatter_(1, torch.from_numpy(inputs), -float('inf'))
+    t = scores.gather(1, torch.from_numpy(targets)[:, None])
+    assert np.array_equal(whole[0], ((scores >= t).sum(1) - 1).numpy())   # the count of items at least as high
+
+
 def test_ties_count_against_the_target():
     scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5], [0.0, 2.0, 1.0, 3.0, 0.0]])
     inputs = np.array([[100], [101]])                              # user u is encoded as item 100 + u

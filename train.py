@@ -18,6 +18,12 @@ epoch's validation pass computes anyway, so a step only averages cached rows (on
 
 Random state: --seed seeds numpy (batch order), torch (initialisation, dropout) and the negative
 sampler; their states are saved in every checkpoint, so --resume continues the same run.
+
+Data parallel: `torchrun --nproc_per_node G train.py ...` trains with DistributedDataParallel. Each
+rank takes its share of every batch's users and gradients are averaged, so the steps are those of
+one process; every rank evaluates (ranking is cheap next to training), so all stop together; rank 0
+alone writes the run folder. A resumed run goes on from the checkpoint, but only one process
+resumes bit for bit (the other ranks' random states are not saved).
 """
 import argparse
 import contextlib
@@ -57,11 +63,12 @@ def get_args(argv=None):
     flag('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
     flag('--out', required=True, resume=True, help='run folder: checkpoints and results')
     for f in fields(ModelConfig)[1:]:
-        name, extra = '--' + f.name.replace('_', '-'), dict(f.metadata)
+        extra = dict(f.metadata)
+        names = ['--' + f.name.replace('_', '-'), *extra.pop('also', [])]
         if f.type is bool:
-            flag(name, action=argparse.BooleanOptionalAction, default=f.default, **extra)
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, **extra)
         else:
-            flag(name, type=f.type, default=f.default, **extra)
+            p.add_argument(*names, type=f.type, default=f.default, **extra)
     flag('--mask-prob', type=float, default=0.6, help='BERT4Rec: share of items masked (official: 0.6)')
     flag('--mask-history', action=argparse.BooleanOptionalAction, default=True,
          help="full ranking hides the user's input items (--no-mask-history: the old protocol keeps them)")
@@ -231,7 +238,10 @@ def main(argv=None):
 
 def start(args, resumable):
     """Check --out (it may hold only this run, and only with --resume or --overwrite), then train, the
-    printed lines going to <out>/train.log too."""
+    printed lines going to <out>/train.log too. Under torchrun only rank 0 touches --out or prints."""
+    if int(os.environ.get('RANK', 0)):
+        with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
+            return train(args, resumable)
     held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
     files = set(os.listdir(args.out)) if held else set()          # only a run's own files (guard_out)
     # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
@@ -249,21 +259,28 @@ def start(args, resumable):
 
 
 def set_up_device(args):
-    """The device, with the precision and determinism settings that go with it."""
-    device = pick_device(args.device)
+    """(device, rank, world size): the device, with the precision and determinism settings that go
+    with it, and this process's place under torchrun ((0, 1) without)."""
+    device, rank, world = pick_device(args.device), int(os.environ.get('RANK', 0)), 1
+    if 'RANK' in os.environ:
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        world = torch.distributed.get_world_size()
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':           # the CPU is deterministic for a seed and a thread count already
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)  # some kernels have no such variant
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
+    return device, rank, world
 
 
 def train(args, resumable):
     config = dict(vars(args))                                      # the run's record; args stays as parsed
     commit = git_commit()                                          # the code this run starts from
-    device = set_up_device(args)
+    device, rank, world = set_up_device(args)
     last_path, best_path = os.path.join(args.out, 'last.pt'), os.path.join(args.out, 'best.pt')
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
@@ -276,6 +293,9 @@ def train(args, resumable):
           f'parameters, {data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step_fn = torch.compile(model, dynamic=True) if args.compile else model  # lengths vary: one graph
+    if world > 1:                                   # gradients averaged over the ranks in backward()
+        ids = [device] if device.type == 'cuda' else None
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
     # bf16 on CUDA for the training step only: evaluation stays float32, where ties count against the target
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda'
                 else contextlib.nullcontext())
@@ -312,12 +332,18 @@ def train(args, resumable):
         print(f'resumed from {last_path}: epoch {state["epoch"]}, batch {state["next_batch"]}')
 
     def checkpoint(path):
-        save_checkpoint(path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                               'config': config, 'model_config': asdict(model.cfg),
-                               'rng': rng_state(np_rng, neg_gen), 'state': state})
+        if rank == 0:
+            save_checkpoint(path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                   'config': config, 'model_config': asdict(model.cfg),
+                                   'rng': rng_state(np_rng, neg_gen), 'state': state})
 
     def read_losses(sums, first_step):
-        """The device-side loss sums since first_step, read (one host sync) and checked for NaN."""
+        """The device-side loss sums since first_step, read (one host sync; under torchrun, averaged over
+        the ranks) and checked for NaN."""
+        if world > 1:
+            total = torch.stack(list(sums.values()))
+            torch.distributed.all_reduce(total)
+            sums = dict(zip(sums, total / world))
         values = {name: float(v) for name, v in sums.items()}
         for name, value in values.items():
             if not np.isfinite(value):
@@ -328,7 +354,8 @@ def train(args, resumable):
         return values
 
     interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    if world == 1:                                  # under torchrun, Ctrl-C stops every rank at once
+        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     while state['epoch'] < args.epochs and state['bad_epochs'] < args.patience:
         epoch = state['epoch']
         started = time.time()
@@ -342,7 +369,8 @@ def train(args, resumable):
         sums = {}                                                  # on the device, since the last read
         n_batches = len(state['batches'])
         for b in range(state['next_batch'], n_batches):
-            idx = state['batches'][b]
+            idx = state['batches'][b][rank::world]                 # this rank's share of the batch
+            idx = idx if len(idx) else state['batches'][b][:1]     # (a last batch smaller than the ranks)
             rows = torch.from_numpy(trim(train_rows[idx], least=2))  # (B, L' + 1) input and targets
             seq, pos, history = training_batch(rows, args.backbone, data.n_items, args.mask_prob,
                                                args.max_len, neg_gen)
@@ -398,15 +426,21 @@ def train(args, resumable):
         if better:
             checkpoint(best_path)
         checkpoint(last_path)
-        print(f'epoch {epoch} valid | NDCG@{k} {ndcg:.4f} HR@{k} {full["overall"][f"HR@{k}"]:.4f} '
-              f'| tail item {full["tail_item"][f"NDCG@{k}"]:.4f}/{full["tail_item"][f"HR@{k}"]:.4f} '
-              f'| tail user {full["tail_user"][f"NDCG@{k}"]:.4f}/{full["tail_user"][f"HR@{k}"]:.4f} '
-              f'| train {state["epoch_seconds"][-1]:.1f} s, eval {time.time() - started:.1f} s'
+        cell = lambda v: '-' if v is None else f'{v:.4f}'  # noqa: E731  (a group with no users)
+        shown = {g: f'{cell(full[g][f"NDCG@{k}"])}/{cell(full[g][f"HR@{k}"])}'
+                 for g in ('overall', 'tail_item', 'tail_user')}
+        print(f'epoch {epoch} valid | NDCG@{k}/HR@{k} {shown["overall"]} | tail item {shown["tail_item"]} '
+              f'| tail user {shown["tail_user"]} | train {state["epoch_seconds"][-1]:.1f} s, '
+              f'eval {time.time() - started:.1f} s'
               f'{" *" if better else ""}', flush=True)
 
     if state['best_epoch'] < 0:
         raise TrainingError(f'no epoch was trained (--epochs {args.epochs}); nothing to test.')
-    test(args, config, data, model, state, device, commit)
+    if world > 1:
+        torch.distributed.barrier()                 # best.pt is written
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        test(args, config, data, model, state, device, commit)
 
 
 def test(args, config, data, model, state, device, commit):

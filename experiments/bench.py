@@ -235,7 +235,7 @@ def bench_finetune(a):
         cfg = {'views': 2, 'drop': 0.2, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'lr': a.ft_lr, 'warmup': 0.1,
                'seed': 0, 'max_length': a.embed_max_length, 'train_layers': int(path[4:]) if path.startswith('last') else 0,
                'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': a.ft_heldout,
-               'temperature': 0.05}
+               'temperature': 0.05, 'temperature_lr': 1e-2}
         _, report = finetune(model, tokenizer, items, cfg, a.dev)
         res[path] = {'items_per_second': report['items_per_second'], 'seconds_per_step': report['seconds'] / a.ft_steps,
                      'trainable_parameters': report['trainable_parameters'],

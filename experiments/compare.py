@@ -241,7 +241,8 @@ def plot(path, runs, k=10):
         rows[os.path.basename(os.path.dirname(run))] = [full[b][f'NDCG@{k}'] for b in BUCKETS]
     users = [full[b]['users'] for b in BUCKETS]
     text = '\n'.join([f'| run | {" | ".join(BUCKETS)} |', '|---|' + '---:|' * len(BUCKETS),
-                      *(f'| {name} | {" | ".join(f"{v:.4f}" for v in values)} |' for name, values in rows.items()),
+                      *(f'| {name} | {" | ".join("-" if v is None else f"{v:.4f}" for v in values)} |'
+                        for name, values in rows.items()),
                       f'| test users | {" | ".join(str(u) for u in users)} |'])
     try:
         import matplotlib
@@ -253,7 +254,8 @@ def plot(path, runs, k=10):
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(1, len(rows))
     for j, (name, values) in enumerate(rows.items()):
-        ax.bar(np.arange(len(BUCKETS)) + j * width, values, width, label=name)
+        ax.bar(np.arange(len(BUCKETS)) + j * width, [np.nan if v is None else v for v in values], width,
+               label=name)
     ax.set(title=f'NDCG@{k} by the target\'s training interactions', xticks=np.arange(len(BUCKETS)),
            xticklabels=[b[4:] for b in BUCKETS], ylabel=f'NDCG@{k}')
     ax.legend()

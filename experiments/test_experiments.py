@@ -238,3 +238,32 @@ def test_table_gives_each_group_with_paired_t_against_the_first(tiny, tiny_runs,
     compare.main(['--paired', tiny_runs[1], tiny_runs[0], '--group', 'tail_user'])
     t = json.loads(capsys.readouterr().out)['t']
     assert f'(t {t:+.2f})' in out[3]
+
+
+def test_scale_runs_each_catalogue_in_its_own_process_and_writes_the_table(tmp_path, capsys):
+    import scale
+    out = tmp_path / 'scale.json'
+    scale.main(['--sizes', '300', '600', '--steps', '2', '--users', '16', '--batch-size', '4', '--max-len', '8',
+                '--negatives', '8', '--eval-memory', '0.001', '--out', str(out)])
+    res = json.load(open(out))
+    assert [r['items'] for r in res['sizes']] == [300, 600] and all(r['ms_per_step'] > 0 for r in res['sizes'])
+    assert '| 600 |' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='exists and is never written over'):
+        scale.main(['--out', str(out)])
+
+
+def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
+    import subprocess
+    import test_smoke
+    raw = test_smoke.amazon2014(str(tmp_path / 'raw'), test_smoke.synthetic_log())
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', ['the beauty item has following attributes'] * 3 +
+                 [f"name is item i{i:03d}'s lipstick brand acme price 5.50 features beauty makeup" for i in range(30)])
+    env = {**os.environ, 'RAW': raw, 'OUT': str(tmp_path / 'check.json'), 'DEVICE': 'cpu', 'EPOCHS': '1',
+           'LM': lm, 'MAX_LENGTH': '32', 'EXTRA': '--hidden 8 --max-len 10 --n-similar 3', 'WORK': str(tmp_path / 'w'),
+           'DATA_EXTRA': '--eval-negatives 10'}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(['bash', 'experiments/gpu_check.sh'], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.load(open(tmp_path / 'check.json'))
+    assert res['device'] == 'cpu' and res['ranks_identical_cpu_vs_device'] == 1.0
+    assert res['sasrec']['epoch_seconds'] and res['recipe']['test_ndcg10'] >= 0 and res['embedding_texts_per_second'] > 0

@@ -1,0 +1,61 @@
+"""train.py under torchrun: two CPU processes (gloo) on tiny data. About half a minute.
+
+    python -m pytest -q experiments/test_ddp.py
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from test_smoke import tiny  # noqa: E402,F401  (fixture)
+
+FLAGS = ['--method', 'base', '--max-len', '10', '--hidden', '16', '--lr', '0.01', '--batch-size', '8', '--threads', '1']
+
+
+def train(tiny, out, *flags, procs=1, wait=True):
+    launch = ['torchrun', '--nproc_per_node', str(procs)] if procs > 1 else [sys.executable]
+    cmd = [*launch, os.path.join(ROOT, 'train.py'), '--data', tiny.folder, '--out', str(out), *FLAGS, *flags]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.load(open(out / 'results.json'))
+
+
+def ndcg(res):
+    return res['test']['full']['overall']['NDCG@10']
+
+
+def test_two_processes_train_to_the_results_of_one_within_seed_noise(tiny, tmp_path):
+    one = [train(tiny, tmp_path / f'one-{seed}', '--epochs', '8', '--seed', str(seed)) for seed in (42, 43)]
+    two = train(tiny, tmp_path / 'two', '--epochs', '8', '--seed', '42', procs=2)
+    assert two['epochs_run'] == 8 and len(two['valid_history']) == 8
+    noise = abs(ndcg(one[0]) - ndcg(one[1]))
+    assert abs(ndcg(two) - ndcg(one[0])) <= max(3 * noise, 0.05), (ndcg(two), [ndcg(r) for r in one])
+    log = open(tmp_path / 'two' / 'train.log').read()
+    assert log.count('epoch 7 valid') == 1                         # rank 0 alone writes the log
+
+
+def test_two_processes_resume_after_a_kill(tiny, tmp_path):
+    out = tmp_path / 'run'
+    proc = train(tiny, out, '--epochs', '200', '--patience', '200', procs=2, wait=False)
+    deadline = time.time() + 120
+    while not (out / 'last.pt').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        pytest.fail('the run ended before it could be killed')
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / 'results.json').exists()
+    res = train(tiny, out, '--epochs', '200', '--patience', '200', '--resume', procs=2)
+    assert res['epochs_run'] == 200 and 'resumed from' in open(out / 'train.log').read()
