@@ -1,7 +1,6 @@
 """Evaluation: full ranking and the papers' 100-negative protocol, HR@K and NDCG@K per long-tail group.
 
     python eval.py --run runs/beauty                       # rank the test items with a run's best checkpoint
-    python eval.py --run runs/sasrec --compare runs/llmesr --show tail   # one tail user's top 10 under both
 
 Full ranking scores the target against every item but padding and, unless the run was trained
 with --no-mask-history, the items of the user's input sequence, as RecBole and most papers do (a
@@ -20,7 +19,8 @@ Groups of users, by their test target and their history (group_masks):
                                      --tail-user-below items before the test item
   pop_0, pop_1-2, ..., pop_50+       the target's number of training interactions
 The official thresholds: Beauty 4 and 9 (the defaults), Fashion 4 and 3, Yelp 13 and 12
-(experiments/*.bash of the official code). Cross-run tables and paired tests: experiments/compare.py.
+(experiments/*.bash of the official code). Cross-run tables and paired tests: experiments/compare.py;
+one user's recommendations under several runs: experiments/show.py.
 """
 import argparse
 import json
@@ -178,84 +178,10 @@ def markdown_table(results, ks, title=''):
     return '\n'.join(lines).lstrip('\n') + '\n'
 
 
-# ---------------------------------------------------------------------------------------------
-# one user's recommendations, side by side
-
-
-@torch.no_grad()
-def recommend(model, inputs, k, device, mask_history=True):
-    """(U, L) inputs of a few users -> (items (U, k) int64, scores (U, k) float32): top k, best first."""
-    batches = user_batches(model, inputs, len(inputs), device)
-    table = next(batches).float()
-    idx, seq, users = next(batches)
-    scores = users @ table.T                                       # (U, n_items + 1)
-    if mask_history:
-        scores.scatter_(1, seq, -float('inf'))
-    scores[:, 0] = -float('inf')                                   # padding is never recommended
-    top = scores.topk(k, dim=1)
-    items, values = np.zeros((len(inputs), k), dtype=np.int64), np.zeros((len(inputs), k), dtype=np.float32)
-    items[idx], values[idx] = top.indices.cpu().numpy(), top.values.cpu().numpy()
-    return items, values
-
-
-def find_user(data, who, seed):
-    """Dense id of a raw user id, or of a random long-tail user for 'tail'."""
-    users = data.read_jsonl('users.jsonl')
-    if who == 'tail':
-        return int(np.random.default_rng(seed).choice(np.flatnonzero(~data.head_users())))
-    for row in users:
-        if row['raw'] == who:
-            return row['id']
-    raise DataError(f'--show {who}: no such user in {data.folder} (raw ids look like {users[0]["raw"]}); '
-                    'use --show tail for a random long-tail user.')
-
-
-def describe(item, titles, popularity, head, width=60):
-    title = titles[item] or '(no title)'
-    title = title if len(title) <= width else title[:width - 3] + '...'
-    return f'{title} [{popularity[item]}, {"head" if head[item] else "tail"}]'
-
-
-def show_runs(runs, who, seed, k=10):
-    """Text: one user's history and test target, then each run's top k side by side, the target's rank."""
-    model, data, config, device = next(iter(runs.values()))
-    user = find_user(data, who, seed)
-    titles = [''] + [dict(r['attributes']).get('name', '') for r in data.read_jsonl('items.jsonl')]
-    pop, head = data.item_popularity(), data.head_items()
-    history = data.sequences[data.offsets[user]:data.offsets[user + 1]]
-    raw = data.read_jsonl('users.jsonl')[user]['raw']
-    lines = [f'user {raw} (id {user}, {"head" if data.head_users()[user] else "tail"} user, '
-             f'{len(history) - 2} training items); each item: title [training interactions, head/tail]',
-             'history, oldest first:']
-    marks = [''] * (len(history) - 2) + ['  <- validation item']
-    lines += [f'  {i + 1:>3}. {describe(item, titles, pop, head)}{mark}'
-              for i, (item, mark) in enumerate(zip(history[:-1], marks))]
-    lines.append(f'test target: {describe(history[-1], titles, pop, head)}')
-    columns = []
-    for name, (model, data, config, device) in runs.items():
-        mask = config.get('mask_history', LEGACY['mask_history'])
-        inputs = data.padded(1, config['max_len'])[user:user + 1]
-        target, negatives = history[-1:].astype(np.int64), data.eval_negatives[user:user + 1]
-        full, _, _ = rank_targets(model, inputs, target, negatives, 1, device, mask)
-        items, scores = recommend(model, inputs, k, device, mask)
-        tail = int((~head[items[0]]).sum())
-        mark = lambda i: ' <- target' if i == target[0] else ''  # noqa: E731
-        ranked = [f'{r + 1:>2}. {describe(i, titles, pop, head, 44)} {s:.2f}{mark(i)}'
-                  for r, (i, s) in enumerate(zip(items[0], scores[0]))]
-        columns.append([f'{name}: target rank {full[0] + 1}, {tail} of {k} tail items'] + ranked)
-    width = max(len(line) for col in columns for line in col) + 2
-    for row in zip(*columns):
-        lines.append(''.join(cell.ljust(width) for cell in row).rstrip())
-    return '\n'.join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     flag = p.add_argument
     flag('--run', required=True, help='run folder written by train.py')
-    flag('--compare', nargs='+', default=[], metavar='RUN', help='more run folders for --show')
-    flag('--show', metavar='USER', help="one user's top 10: a raw user id, or 'tail' for a random tail user")
-    flag('--seed', type=int, default=0, help='seed that picks the user of --show tail')
     flag('--split', default='test', choices=['valid', 'test'], help='which held-out item to rank')
     flag('--ks', type=int, nargs='+', help="cut-offs K of HR@K and NDCG@K (default: the run's)")
     flag('--batch-size', type=int, default=1024, help='users per scoring batch')
@@ -268,13 +194,8 @@ def main(argv=None):
 
 
 def act(args):
-    """What main() prints for --show or a plain --run."""
-    runs = {r: load_run(r, args.device) for r in [args.run, *args.compare]}
-    if len({run[1].fingerprint for run in runs.values()}) > 1:
-        raise DataError('--compare: the runs were trained on different processed data; use one dataset.')
-    if args.show:
-        return show_runs(runs, args.show, args.seed)
-    model, data, config, device = runs[args.run]
+    """The markdown table and the JSON of a run's ranks on --split."""
+    model, data, config, device = load_run(args.run, args.device)
     cut, ks = (1 if args.split == 'test' else 2), args.ks or config['ks']
     inputs, targets = data.padded(cut, config['max_len']), data.target(cut)
     groups = group_masks(data, targets, config.get('tail_item_below', 4), config.get('tail_user_below', 9))

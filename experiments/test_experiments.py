@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -267,3 +268,44 @@ def test_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     res = json.load(open(tmp_path / 'check.json'))
     assert res['device'] == 'cpu' and res['ranks_identical_cpu_vs_device'] == 1.0
     assert res['sasrec']['epoch_seconds'] and res['recipe']['test_ndcg10'] >= 0 and res['embedding_texts_per_second'] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# show.py
+
+
+def test_top_k_shown_is_the_ranking_the_evaluation_scored(tiny, tiny_runs):
+    import eval as evaluation
+    import show
+    model, d, config, device = evaluation.load_run(tiny_runs[1])
+    inputs, targets = d.padded(1, config['max_len']), d.target(1)
+    items, scores = show.recommend(model, inputs, 10, device)
+    saved = np.load(os.path.join(tiny_runs[1], 'test_ranks.npz'))['full']
+    for u in range(d.n_users):
+        if saved[u] < 10:
+            assert items[u, saved[u]] == targets[u]
+        else:
+            assert targets[u] not in items[u]
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_show_prints_both_runs_and_unknown_user_fails(tiny, tiny_runs, capsys):
+    import show
+    show.main(['--run', tiny_runs[0], '--compare', tiny_runs[1], '--user', 'tail', '--seed', '1'])
+    out = capsys.readouterr().out
+    assert 'history, oldest first' in out and 'test target:' in out and out.count('target rank') == 2
+    with pytest.raises(SystemExit, match=r"--user nobody: no such user .* use --user tail"):
+        show.main(['--run', tiny_runs[0], '--user', 'nobody'])
+
+
+def test_recommend_hides_the_inputs_and_padding():
+    import show
+
+    class ById(torch.nn.Module):                                    # scores item i as i: item 9 is best
+        def item_table(self):
+            return torch.arange(10.0)[:, None]
+
+        def user_vectors(self, seq, table=None):
+            return torch.ones(len(seq), 1)
+    top, _ = show.recommend(ById(), np.array([[0, 9, 8], [7, 9, 5]]), 2, 'cpu')
+    assert top.tolist() == [[7, 6], [8, 6]]
