@@ -309,3 +309,12 @@ def test_recommend_hides_the_inputs_and_padding():
             return torch.ones(len(seq), 1)
     top, _ = show.recommend(ById(), np.array([[0, 9, 8], [7, 9, 5]]), 2, 'cpu')
     assert top.tolist() == [[7, 6], [8, 6]]
+
+
+def test_ab_step_times_two_checkouts_on_the_same_batches(tiny, tiny_emb, tmp_path, capsys):
+    import ab_step
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ab_step.main(['--before', root, '--data', tiny.folder, '--emb', tiny_emb, '--steps', '7', '--losses', 'ce',
+                  '--out', str(tmp_path / 'ab.json')])
+    res = json.load(open(tmp_path / 'ab.json'))['ms']
+    assert set(res) == {'base/ce', 'llmesr/ce'} and all(r['before_ms'] > 0 and r['now_ms'] > 0 for r in res.values())
