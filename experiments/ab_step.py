@@ -40,6 +40,7 @@ def main(argv=None):
     p.add_argument('--emb', required=True, help='embedding folder')
     p.add_argument('--steps', type=int, default=60, help='steps per method and loss (the first 5 untimed)')
     p.add_argument('--losses', nargs='+', default=['bce', 'ce'], help='losses to time')
+    p.add_argument('--d', type=int, default=64, help='hidden size of each view')
     p.add_argument('--out', help='JSON file for the figures')
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -53,7 +54,7 @@ def main(argv=None):
             for M in sides:                      # the same initialisation and the same LM scale on both
                 torch.manual_seed(0)
                 models.append(M.Recommender(M.ModelConfig(n_items=data.n_items, method=method, loss=loss,
-                                                          lm_scale='xavier'), items).train())
+                                                          d=a.d, lm_scale='xavier'), items).train())
             optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
             rng, gen, times = np.random.default_rng(0), torch.Generator().manual_seed(0), [[], []]
             for step in range(a.steps):
@@ -61,7 +62,7 @@ def main(argv=None):
                 seq, pos, history = training_batch(torch.from_numpy(trim(rows_all[idx], least=2)), 'sasrec',
                                                    data.n_items, 0.6, 200, gen)
                 neg = negatives_for(loss, pos, history, data.n_items, 256, gen)
-                teacher = torch.randn(len(idx), 2 * 64) if method == 'llmesr' else None
+                teacher = torch.randn(len(idx), 2 * a.d) if method == 'llmesr' else None
                 for j in ((0, 1) if step % 2 else (1, 0)):
                     started = time.perf_counter()
                     value, _ = models[j](seq, pos, neg, teacher, 0.1)

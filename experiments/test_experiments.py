@@ -314,7 +314,7 @@ def test_recommend_hides_the_inputs_and_padding():
 def test_ab_step_times_two_checkouts_on_the_same_batches(tiny, tiny_emb, tmp_path, capsys):
     import ab_step
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ab_step.main(['--before', root, '--data', tiny.folder, '--emb', tiny_emb, '--steps', '7', '--losses', 'ce',
+    ab_step.main(['--before', root, '--data', tiny.folder, '--emb', tiny_emb, '--steps', '7', '--losses', 'ce', '--d', '16',
                   '--out', str(tmp_path / 'ab.json')])
     res = json.load(open(tmp_path / 'ab.json'))['ms']
     assert set(res) == {'base/ce', 'llmesr/ce'} and all(r['before_ms'] > 0 and r['now_ms'] > 0 for r in res.values())
