@@ -19,6 +19,8 @@ It is built under a temporary name and renamed into place, so it is whole or abs
 """
 import argparse
 import ast
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import html
@@ -178,6 +180,33 @@ def guard_out(out, kind, inputs):
     return True
 
 
+@contextlib.contextmanager
+def lock(out):
+    """Hold <out>.lock while writing --out, so that a second writer is refused with the first's pid and
+    command. The lock is the operating system's (flock), so a killed writer's lock is free again."""
+    path = os.path.realpath(out).rstrip(os.sep) + '.lock'
+    with open(path, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise DataError(f'--out {out} is being written by another process ({f.read().strip() or "?"}); '
+                            'wait for it to end, or stop it, then run the command again.') from None
+        f.truncate(0)
+        f.write(f'pid {os.getpid()}: {" ".join(sys.argv)}')
+        f.flush()
+        try:
+            yield
+        finally:
+            os.remove(path)
+
+
+def locked(out, fn, *args):
+    """fn(*args) while holding the lock of --out."""
+    with lock(out):
+        return fn(*args)
+
+
 def or_exit(fn, *args):
     """fn(*args); an expected failure (a DataError, or a file-system error such as a read-only folder or
     a full disk) becomes one line on stderr and exit status 1, not a traceback."""
@@ -188,6 +217,13 @@ def or_exit(fn, *args):
     except OSError as e:
         sys.exit(f'error: {e.filename or ""}: {e.strerror or e}. Nothing was half-written; check that the '
                  'folder exists, is writable and has free space, then run the command again.')
+
+
+def run_path(path, run):
+    """A folder named in a run's config: relative to the run folder (train.py writes them so), or, in a
+    run from before, relative to where it ran."""
+    beside = os.path.join(run, path) if run and path else path
+    return beside if beside and os.path.exists(beside) else path
 
 
 def read_json(path, what, remedy):
@@ -670,6 +706,9 @@ def load_processed(folder):
     remedy = 'Make a processed folder with `python data.py --raw <raw folder> --out <new folder>`.'
     manifest = read_json(os.path.join(folder, 'manifest.json'), 'processed-data manifest', remedy)
     remedy = f'Rebuild it with `python data.py --raw <raw folder> --out {folder} --overwrite`.'
+    if 'embed_version' in manifest:
+        raise DataError(f'{folder} holds embeddings (embed.py), not processed data (data.py): swap --data '
+                        'and --emb?')
     if manifest.get('format_version') != FORMAT_VERSION:
         raise DataError(f'{folder}: written by data format {manifest.get("format_version")}, this code reads '
                         f'format {FORMAT_VERSION}. {remedy}')
@@ -750,14 +789,20 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true',
                    help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
-    if not 0 < args.sample_users <= 1:
-        p.error(f'--sample-users {args.sample_users}: give a share of users in (0, 1]')
+    if not (args.out or args.download):
+        p.error('give --out, the processed folder to write (and --download NAME to fetch the files first)')
+    for name in ('min_user', 'min_item', 'max_value_chars', 'user_text_chars', 'eval_negatives'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 1')
+    if not (0 < args.sample_users <= 1 and 0 <= args.max_bad <= 1):
+        p.error('--sample-users takes a share of users in (0, 1], --max-bad a share in [0, 1]')
+    args.out = args.out and os.path.realpath(args.out)             # a link or a trailing slash: the folder
     # --out is checked before anything is fetched or read
     held = args.out and or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
     if args.download:
         or_exit(download, args.download, args.raw)
     if args.out:
-        or_exit(build, args, held)
+        or_exit(locked, args.out, build, args, held)
 
 
 def build(args, held):

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, or_exit, read_json,
-                  render_item_prompt, replace_dir, sha256_file, sha256_json, write_json_atomic)
+from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, locked, or_exit,
+                  read_json, render_item_prompt, replace_dir, run_path, sha256_file, sha256_json,
+                  write_json_atomic)
 from model import pick_device
 
 EMBED_VERSION = 1
@@ -332,6 +333,9 @@ def load_embeddings(folder, data):
     """(items (n_items, d_llm), users (U, d_llm)) float32 from an embedding folder made for `data`."""
     rebuild = f'Rebuild it: `python embed.py --data {data.folder} --lm <model> --out {folder} --overwrite`.'
     manifest = read_json(os.path.join(folder, 'manifest.json'), 'embedding manifest', rebuild)
+    if 'format_version' in manifest:
+        raise DataError(f'{folder} holds processed data (data.py), not embeddings (embed.py): swap --data '
+                        'and --emb?')
     if manifest.get('embed_version') != EMBED_VERSION:
         raise DataError(f'{folder}: written by embedding format {manifest.get("embed_version")}, this reads '
                         f'{EMBED_VERSION}. {rebuild}')
@@ -349,15 +353,15 @@ def load_embeddings(folder, data):
     return np.array(items, dtype=np.float32), np.array(users, dtype=np.float32), manifest
 
 
-def load_inputs(config):
+def load_inputs(config, run=None):
     """(data, LM items (n_items, d_llm) or None, LM users (U, d_llm) or None, embedding identity or None)
-    for a run's config (train.py's flags: data, emb, method)."""
-    data = load_processed(config['data'])
+    for a run's config (train.py's flags: data, emb, method); its paths are relative to the folder `run`."""
+    data = load_processed(run_path(config['data'], run))
     if config['method'] == 'base':
         return data, None, None, None
     if not config.get('emb'):
         raise DataError(f'--method {config["method"]} needs --emb, a folder written by embed.py.')
-    llm_items, llm_users, manifest = load_embeddings(config['emb'], data)
+    llm_items, llm_users, manifest = load_embeddings(run_path(config['emb'], run), data)
     # what the embeddings are, so a folder re-embedded with another model is never taken for this one
     ident = {k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
                                       'item_prompts_sha256', 'user_prompts_sha256')}
@@ -405,7 +409,8 @@ def main(argv=None):
         pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    or_exit(build, args)
+    args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
+    or_exit(locked, args.out, build, args)
 
 
 def build(args):
@@ -440,11 +445,12 @@ def build(args):
     partial = f'{args.out.rstrip("/")}.partial'
     progress_path = os.path.join(partial, 'progress.json')
     progress = read_json(progress_path, 'progress', '') if os.path.exists(progress_path) else {}
-    resuming = progress.get('key') == key and not args.overwrite
+    resume_key = {**key, 'batch_size': args.batch_size}           # which texts each batch holds
+    resuming = progress.get('key') == resume_key and not args.overwrite
     if not resuming:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        progress = {'key': key, 'seconds': 0.0}
+        progress = {'key': resume_key, 'seconds': 0.0}
     if args.finetune:                                         # its time goes to finetune.json
         model = tuned_model(args, key['finetune'], data, tokenizer, model, partial, resuming, device)
     started, before = time.time(), progress['seconds']

@@ -48,7 +48,7 @@ def load_run(run, device='auto'):
         raise DataError(f'{path}: no checkpoint. Train first: `python train.py ... --out {run}`.')
     ckpt = load_checkpoint(path)
     config = ckpt['config']
-    data, llm_items, _, emb_id = load_inputs(config)
+    data, llm_items, _, emb_id = load_inputs(config, run)
     if config.get('data_fingerprint', data.fingerprint) != data.fingerprint:
         raise DataError(f'{config["data"]} holds other processed data than {run} was trained on (rebuilt '
                         'since?). Rebuild it with the original command, or train again.')

@@ -1006,6 +1006,17 @@ def test_interrupted_embedding_resumes_from_the_last_chunk(tmp_path, tiny, monke
     assert len(calls) == n_batches - 10
     for name in ('items', 'users'):
         np.testing.assert_array_equal(np.load(tmp_path / 'emb' / f'{name}.npy'), np.load(tmp_path / 'clean' / f'{name}.npy'))
+    # interrupted again, then rerun with another batch size: the batches hold other texts, so it starts over
+    dies_on_the_13th_batch.died = False
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        embed.main(args + ['--out', str(tmp_path / 'again')])
+    calls.clear()
+    embed.main(['--data', tiny.folder, '--lm', lm, '--batch-size', '3', '--out', str(tmp_path / 'again')])
+    assert len(calls) == math.ceil(tiny.n_items / 3) + math.ceil(tiny.n_users / 3)
+    for name in ('items', 'users'):
+        again, clean = np.load(tmp_path / 'again' / f'{name}.npy'), np.load(tmp_path / 'clean' / f'{name}.npy')
+        assert np.abs(again).sum(1).min() > 0 and np.allclose(again, clean, atol=1e-5)   # no row left unwritten
 
 
 @pytest.mark.parametrize('at, said', [(7, r'epoch 1, steps 6-10: the distill loss is nan; stopped\. The last '
@@ -1279,3 +1290,67 @@ def test_every_ablation_switch_changes_what_its_name_says():
     assert not torch.allclose(padding_mask.user_states(seq), full.user_states(seq))
     loss, parts = full(seq, seq.roll(-1, 1), seq)                   # no teacher: no distillation term
     assert set(parts) == {'rec'}
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer at a time; destructive flags checked before they destroy
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_stale_lock_is_taken_over(tmp_path, tiny, tiny_emb):
+    out = tmp_path / 'run'
+    with data.lock(str(out)):                                       # a writer holds --out
+        fails_cleanly(train.main, train_args(tiny, tiny_emb, out), rf'--out .*run is being written by another '
+                      rf'process \(pid {os.getpid()}: .*\); wait for it', [tiny.folder, tiny_emb], tmp_path)
+        fails_cleanly(embed.main, ['--data', tiny.folder, '--lm', 'x', '--out', str(out)],
+                      'is being written by another process', [tiny.folder], tmp_path)
+    (tmp_path / 'run.lock').write_text('pid 999999: a writer killed long ago')   # no one holds it
+    train.main(train_args(tiny, tiny_emb, out, '--epochs', '1'))
+    assert (out / 'results.json').exists() and not (tmp_path / 'run.lock').exists()
+
+
+def test_overwrite_with_a_mistyped_input_or_with_resume_keeps_the_finished_run(tmp_path, tiny, tiny_emb, finished):
+    kept = tree_hashes(str(finished))
+    fails_cleanly(train.main, train_args(tiny, str(tmp_path / 'typo'), finished, '--overwrite'),
+                  r'typo/manifest.json: no embedding manifest', [str(finished)], tmp_path)
+    with pytest.raises(SystemExit):                                 # argparse: both flags, before anything
+        train.main(train_args(tiny, tiny_emb, finished, '--resume', '--overwrite'))
+    assert tree_hashes(str(finished)) == kept
+
+
+def test_a_link_or_a_trailing_slash_names_the_folder_itself(tmp_path, tiny, tiny_emb):
+    (tmp_path / 'real').mkdir()
+    os.symlink(tmp_path / 'real', tmp_path / 'link')
+    train.main(train_args(tiny, tiny_emb, str(tmp_path / 'link') + '/', '--epochs', '1'))
+    train.main(train_args(tiny, tiny_emb, tmp_path / 'link', '--epochs', '1', '--overwrite'))
+    assert os.path.islink(tmp_path / 'link') and (tmp_path / 'real' / 'results.json').exists()
+    assert sorted(os.listdir(tmp_path)) == ['link', 'real']         # no .old-, .lock or .tmp- left
+
+
+def test_a_run_reads_its_inputs_from_any_working_directory_and_refuses_rebuilt_data(tmp_path, tiny, tiny_emb,
+                                                                                    monkeypatch):
+    proc, emb = shutil.copytree(tiny.folder, tmp_path / 'proc'), shutil.copytree(tiny_emb, tmp_path / 'emb')
+    monkeypatch.chdir(tmp_path)
+    train.main(train_args(tiny, tiny_emb, 'run', '--epochs', '1')[:0] + ['--data', 'proc', '--emb', 'emb',
+               '--max-len', '10', '--d', '16', '--epochs', '1', '--n-similar', '3', '--out', 'run'])
+    monkeypatch.chdir(tmp_path / 'run')                             # elsewhere: the run still finds them
+    assert evaluation.load_run('.', 'cpu')[1].fingerprint == tiny.fingerprint
+    stats = json.load(open(proc / 'stats.json'))
+    manifest = json.load(open(proc / 'manifest.json'))
+    manifest['fingerprint'] = 'rebuilt'                             # the data rebuilt with another seed
+    json.dump(manifest, open(proc / 'manifest.json', 'w'))
+    with pytest.raises(data.DataError, match='other processed data|other embeddings|made from other'):
+        evaluation.load_run('.', 'cpu')
+    assert stats['users'] == tiny.n_users and emb.exists()
+
+
+def test_processed_data_and_embeddings_given_the_wrong_way_round(tiny, tiny_emb):
+    with pytest.raises(data.DataError, match='holds embeddings .*swap --data and --emb'):
+        data.load_processed(tiny_emb)
+    with pytest.raises(data.DataError, match='holds processed data .*swap --data and --emb'):
+        embed.load_embeddings(tiny.folder, tiny)
+
+
+def test_data_without_out_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        data.main(['--raw', str(tmp_path)])
+    assert 'give --out' in capsys.readouterr().err

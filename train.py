@@ -36,8 +36,8 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from data import (DataError, git_commit, guard_out, load_checkpoint, or_exit, save_checkpoint, write_atomic,
-                  write_json_atomic)
+from data import (DataError, git_commit, guard_out, load_checkpoint, lock, or_exit, save_checkpoint,
+                  write_atomic, write_json_atomic)
 from embed import load_inputs
 from eval import evaluate, group_masks, markdown_table, trim, user_vectors
 from model import ModelConfig, build_model, neighbour_mean, pick_device, similar_users
@@ -59,8 +59,9 @@ def get_args(argv=None):
         dest = p.add_argument(name, **kw).dest
         if resume:
             resumable.add(dest)
-    flag('--data', required=True, help='processed folder written by data.py')
-    flag('--emb', help='embedding folder written by embed.py (needed by llminit and llmesr)')
+    # a run records its inputs' paths relative to --out and their fingerprints, which --resume checks
+    flag('--data', required=True, resume=True, help='processed folder written by data.py')
+    flag('--emb', resume=True, help='embedding folder written by embed.py (needed by llminit and llmesr)')
     flag('--out', required=True, resume=True, help='run folder: checkpoints and results')
     for f in fields(ModelConfig)[1:]:
         extra = dict(f.metadata)
@@ -98,6 +99,7 @@ def get_args(argv=None):
          help='replace the run in --out (its checkpoints and results)')
     args = p.parse_args(argv)
     check_args(p, args)
+    args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
     return args, resumable
 
 
@@ -243,19 +245,21 @@ def start(args, resumable):
         with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
             return train(args, resumable)
     held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
-    files = set(os.listdir(args.out)) if held else set()          # only a run's own files (guard_out)
-    # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
-    if files - {'train.log'}:
-        if args.overwrite:                                         # the old run's files go, nothing else
-            for name in files:
-                os.remove(os.path.join(args.out, name))
-        elif not args.resume:
-            raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(files))}). '
-                            'Continue it with --resume, or replace it with --overwrite.')
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
-        with contextlib.redirect_stdout(Tee(sys.stdout, log)):
-            train(args, resumable)
+    with lock(args.out):
+        files = set(os.listdir(args.out)) if held else set()      # only a run's own files (guard_out)
+        # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
+        if files - {'train.log'}:
+            if not (args.overwrite or args.resume):
+                raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(files))}). '
+                                'Continue it with --resume, or replace it with --overwrite.')
+            if args.overwrite:                                     # inputs checked first; then the old
+                load_inputs(vars(args))                            # run's files go, nothing else
+                for name in files:
+                    os.remove(os.path.join(args.out, name))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
+            with contextlib.redirect_stdout(Tee(sys.stdout, log)):
+                train(args, resumable)
 
 
 def set_up_device(args):
@@ -287,6 +291,8 @@ def train(args, resumable):
     neg_gen = torch.Generator().manual_seed(args.seed)
     data, llm_items, llm_users, config['emb_id'] = load_inputs(config)
     config['data_fingerprint'] = data.fingerprint
+    for name in ('data', 'emb'):                                   # found from the run wherever it runs
+        config[name] = config[name] and os.path.relpath(os.path.realpath(config[name]), args.out)
     model = build_model(config, data.n_items, None if llm_items is None else torch.from_numpy(llm_items),
                         data.item_popularity()).to(device)
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable '

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import DataError, load_processed, or_exit, read_json, write_atomic  # noqa: E402
+from data import DataError, load_processed, or_exit, read_json, run_path, write_atomic  # noqa: E402
 from eval import BUCKETS, GROUPS, PARETO, group_masks  # noqa: E402
 from model import LEGACY  # noqa: E402
 from train import get_args  # noqa: E402
@@ -174,9 +174,9 @@ def side(runs):
     return results[0]['config'], results[0].get('data_fingerprint')
 
 
-def group_of_run(config, group):
-    """(U,) bool: the test users of `group` for the data that the run with `config` was trained on."""
-    data = load_processed(config['data'])
+def group_of_run(run, config, group):
+    """(U,) bool: the test users of `group` for the data that `run` (its `config`) was trained on."""
+    data = load_processed(run_path(config['data'], run))
     return group_masks(data, data.target(1), config.get('tail_item_below', 4),
                        config.get('tail_user_below', 9))[group]
 
@@ -199,7 +199,7 @@ def paired(a_runs, b_runs, group, k=10):
     (config, fingerprint), (_, other) = side(a_runs), side(b_runs)
     if fingerprint != other:
         raise DataError('--paired: the two sides were trained on different processed data; use one dataset.')
-    users = group_of_run(config, group)
+    users = group_of_run(a_runs[0], config, group)
     if not users.any():
         raise DataError(f'--group {group}: no test user of this data is in it; choose another group.')
     return {'group': group, **paired_test(user_ndcg(a_runs, k)[users], user_ndcg(b_runs, k)[users])}
@@ -213,7 +213,7 @@ def table(sides, groups, k=10):
         if side(runs)[1] != fingerprint:
             raise DataError(f'--table: {runs[0]} was trained on other processed data than {sides[0][0]}.')
         ndcg[','.join(runs)] = user_ndcg(runs, k)
-    masks = {g: group_of_run(config, g) for g in groups}
+    masks = {g: group_of_run(sides[0][0], config, g) for g in groups}
     lines = ['| runs | ' + ' | '.join(f'{g} ({masks[g].sum():,})' for g in groups) + ' |',
              '|---|' + '---:|' * len(groups)]
     base = ndcg[','.join(sides[0])]
