@@ -139,15 +139,15 @@ def report(paths, k=10):
     return '\n\n'.join(tables) + '\n'
 
 
-def user_ndcg(run_folders, k=10):
-    """(U,) each user's test NDCG@k under full ranking, averaged over the runs (seeds) given."""
+def user_ndcg(run_folders, k=10, protocol='full'):
+    """(U,) each user's test NDCG@k under `protocol`, averaged over the runs (seeds) given."""
     ranks = []
     for folder in run_folders:
         path = os.path.join(folder, 'test_ranks.npz')
         if not os.path.exists(path):
             raise DataError(f'{path}: no test ranks yet; --paired needs finished runs ({folder} training?)')
         try:
-            ranks.append(np.load(path)['full'])
+            ranks.append(np.load(path)[protocol])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise DataError(f'{path} is corrupt ({e}); evaluate the run again with eval.py --run.') from e
     if len({len(r) for r in ranks}) > 1:
@@ -195,24 +195,25 @@ def paired_test(a, b):
             'p_two_sided': None if t is None else math.erfc(abs(t) / math.sqrt(2))}
 
 
-def paired(a_runs, b_runs, group, k=10):
+def paired(a_runs, b_runs, group, k=10, protocol='full'):
     (config, fingerprint), (_, other) = side(a_runs), side(b_runs)
     if fingerprint != other:
         raise DataError('--paired: the two sides were trained on different processed data; use one dataset.')
     users = group_of_run(a_runs[0], config, group)
     if not users.any():
         raise DataError(f'--group {group}: no test user of this data is in it; choose another group.')
-    return {'group': group, **paired_test(user_ndcg(a_runs, k)[users], user_ndcg(b_runs, k)[users])}
+    return {'group': group, 'protocol': protocol,
+            **paired_test(user_ndcg(a_runs, k, protocol)[users], user_ndcg(b_runs, k, protocol)[users])}
 
 
-def table(sides, groups, k=10):
+def table(sides, groups, k=10, protocol='full'):
     """Markdown: NDCG@k of each side (comma-separated seeds, averaged per user) in each group, and the
     paired t over that group's users of every side after the first against the first."""
     (config, fingerprint), ndcg = side(sides[0]), {}
     for runs in sides:
         if side(runs)[1] != fingerprint:
             raise DataError(f'--table: {runs[0]} was trained on other processed data than {sides[0][0]}.')
-        ndcg[','.join(runs)] = user_ndcg(runs, k)
+        ndcg[','.join(runs)] = user_ndcg(runs, k, protocol)
     masks = {g: group_of_run(sides[0][0], config, g) for g in groups}
     lines = ['| runs | ' + ' | '.join(f'{g} ({masks[g].sum():,})' for g in groups) + ' |',
              '|---|' + '---:|' * len(groups)]
@@ -277,16 +278,18 @@ def main(argv=None):
     p.add_argument('--groups', nargs='+', default=list(BUCKETS), choices=GROUPS, help='the groups of --table')
     p.add_argument('--group', default='overall', choices=GROUPS, help='users that --paired compares')
     p.add_argument('--k', type=int, default=10, help='the cut-off K')
+    p.add_argument('--protocol', default='full', choices=['full', 'sampled'],
+                   help='--paired and --table: full ranking, or the 100 stored negatives')
     args = p.parse_args(argv)
     if args.k < 1:
         p.error(f'--k {args.k}: give a cut-off of at least 1')
     if args.report:
         print(report(args.report, args.k))
     elif args.table:
-        print(or_exit(table, [s.split(',') for s in args.table], args.groups, args.k))
+        print(or_exit(table, [s.split(',') for s in args.table], args.groups, args.k, args.protocol))
     elif args.paired:
         a, b = (s.split(',') for s in args.paired)
-        print(json.dumps(or_exit(paired, a, b, args.group, args.k), indent=1))
+        print(json.dumps(or_exit(paired, a, b, args.group, args.k, args.protocol), indent=1))
     else:
         if len(args.plot) < 2:
             p.error('--plot takes a PNG file and at least one run folder')
