@@ -170,6 +170,10 @@ def guard_out(out, kind, inputs):
     if not os.path.isdir(out):
         raise DataError(f'--out {out} is a file, not a folder. Give a new folder as --out.')
     entries = sorted(os.listdir(out))
+    # a checkpoint write cut short by a kill (train.py, which holds the lock here, writes inside --out)
+    for e in [e for e in entries if '.tmp-' in e and e.rsplit('.tmp-', 1)[0] in ARTIFACT_FILES[kind]]:
+        os.remove(os.path.join(out, e))
+        entries.remove(e)
     if not entries:
         return False
     strangers = [e for e in entries if e not in ARTIFACT_FILES[kind]]
@@ -185,6 +189,7 @@ def lock(out):
     """Hold <out>.lock while writing --out, so that a second writer is refused with the first's pid and
     command. The lock is the operating system's (flock), so a killed writer's lock is free again."""
     path = os.path.realpath(out).rstrip(os.sep) + '.lock'
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'a+') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1354,3 +1354,9 @@ def test_data_without_out_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data.main(['--raw', str(tmp_path)])
     assert 'give --out' in capsys.readouterr().err
+
+
+def test_a_write_cut_short_by_a_kill_does_not_block_the_resume(tiny, tiny_emb, finished):
+    (finished / 'last.pt.tmp-999999').write_bytes(b'half a checkpoint')   # its writer is gone
+    train.main(train_args(tiny, tiny_emb, finished, '--resume'))
+    assert not (finished / 'last.pt.tmp-999999').exists() and (finished / 'results.json').exists()

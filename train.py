@@ -244,8 +244,8 @@ def start(args, resumable):
     if int(os.environ.get('RANK', 0)):
         with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
             return train(args, resumable)
-    held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
     with lock(args.out):
+        held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
         files = set(os.listdir(args.out)) if held else set()      # only a run's own files (guard_out)
         # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
         if files - {'train.log'}:

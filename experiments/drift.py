@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import DataError, or_exit  # noqa: E402
+from data import DataError, or_exit, run_path  # noqa: E402
 from embed import load_embeddings  # noqa: E402
 from eval import load_run  # noqa: E402
 from model import Recommender, similar_users  # noqa: E402
@@ -61,7 +61,7 @@ def drift_rows(run, emb=None):
         raise DataError(f'{run} has no collaborative item table (--no-collaborative).')
     if not (config['emb'] or emb):
         raise DataError(f'{run} is a base run with no LM table; name one with --emb (embed.py\'s folder).')
-    lm = torch.from_numpy(load_embeddings(config['emb'] or emb, data)[0])   # (n, d_llm)
+    lm = torch.from_numpy(load_embeddings(run_path(config['emb'], run) or emb, data)[0])   # (n, d_llm)
     start = None                                                   # a base run starts at random
     if config['method'] != 'base':                                 # the PCA rows it started from
         start = Recommender(model.cfg, lm, data.item_popularity()).co_items.weight[1:n + 1].detach()
