@@ -407,7 +407,7 @@ def main(argv=None):
         p.error('--lr, --temperature and --temperature-lr take numbers above 0')
     try:
         pick_device(args.device)
-    except ValueError as e:
+    except DataError as e:
         p.error(str(e))
     args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
     or_exit(locked, args.out, build, args)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import DataError
+
 
 def option(default, help, **flag):
     """A ModelConfig field that is also a train.py flag of the same name: its help and argparse extras."""
@@ -74,11 +76,11 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use 'auto', 'cpu' or 'cuda'") from None
+        raise DataError(f"--device {name}: not a device; use 'auto', 'cpu' or 'cuda'") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {name}: this machine has no CUDA device; use --device cpu')
+        raise DataError(f'--device {name}: this machine has no CUDA device; use --device cpu')
     if device.type not in ('cpu', 'cuda'):
-        raise ValueError(f"--device {name}: only 'cpu' and 'cuda' are supported")
+        raise DataError(f"--device {name}: only 'cpu' and 'cuda' are supported")
     return device
 
 
@@ -315,7 +317,7 @@ class Recommender(nn.Module):
         if cfg.method != 'base' and llm_items is None:
             raise ValueError(f'method {cfg.method} needs the language-model item table')
         if llm_items is not None and cfg.method != 'base' and cfg.d > llm_items.shape[1]:
-            raise ValueError(f'd = {cfg.d} is larger than the LM\'s {llm_items.shape[1]} dimensions; '
+            raise DataError(f'--d {cfg.d} is larger than the LM\'s {llm_items.shape[1]} dimensions; '
                              'use a smaller --d')
         pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t])  # noqa: E731  (n, k) -> (n + 1, k)
         self.mask_id = cfg.n_items + 1 if cfg.backbone == 'bert4rec' else None

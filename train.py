@@ -126,7 +126,7 @@ def check_args(p, args):
         p.error('--resume continues the run in --out and --overwrite replaces it; give one of them')
     try:
         pick_device(args.device)
-    except ValueError as e:
+    except DataError as e:
         p.error(str(e))
 
 
