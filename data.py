@@ -717,14 +717,16 @@ def load_processed(folder):
     if manifest.get('format_version') != FORMAT_VERSION:
         raise DataError(f'{folder}: written by data format {manifest.get("format_version")}, this code reads '
                         f'format {FORMAT_VERSION}. {remedy}')
-    arrays = {}
-    for name in ['sequences', 'offsets', 'eval_negatives']:
-        path = os.path.join(folder, f'{name}.npy')
-        if not os.path.exists(path):
-            raise DataError(f'{path} is missing. {remedy}')
-        arrays[name] = np.load(path)
+    missing = [name for name in manifest['outputs'] if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise DataError(f'{os.path.join(folder, missing[0])} is missing. {remedy}')
+    # the fingerprint is the hash of every file: one edited or replaced since data.py wrote it is refused
+    if sha256_json([(name, sha256_file(os.path.join(folder, name))) for name in manifest['outputs']]) != \
+            manifest['fingerprint']:
+        raise DataError(f'{folder}: its files have changed since data.py wrote them. {remedy}')
+    arrays = {name: np.load(os.path.join(folder, f'{name}.npy')) for name in ['sequences', 'offsets',
+                                                                                'eval_negatives']}
     data = Processed(folder, manifest['fingerprint'], manifest['stats'], **arrays)
-    assert data.offsets[-1] == len(data.sequences) and len(data.eval_negatives) == data.n_users
     return data
 
 
