@@ -206,12 +206,6 @@ def lock(out):
             os.remove(path)
 
 
-def locked(out, fn, *args):
-    """fn(*args) while holding the lock of --out."""
-    with lock(out):
-        return fn(*args)
-
-
 def or_exit(fn, *args):
     """fn(*args); an expected failure (a DataError, or a file-system error such as a read-only folder or
     a full disk) becomes one line on stderr and exit status 1, not a traceback."""
@@ -426,16 +420,24 @@ def detect_layout(raw):
         meta = os.path.join(raw, 'yelp_academic_dataset_business.json')
         return Layout('yelp', os.path.join(raw, 'yelp_academic_dataset_review.json'), meta,
                       'The business', yelp_review, yelp_meta)
+    found = []                                     # (review file, category, 2014 or not, its meta_ files)
     for name in files:
         match = re.fullmatch(r'(reviews_)?(.+?)(_5)?\.json(\.gz)?', name)
-        if not match or name.startswith('meta_'):
-            continue
-        category = match.group(2)
-        metas = [m for m in files if re.fullmatch(rf'meta_{re.escape(category)}\.json(\.gz)?', m)]
-        meta = os.path.join(raw, metas[0] if metas else f'meta_{category}.json.gz')
-        subject = f'The {category.replace("_", " ").lower()} item'
-        old = bool(match.group(1))                                 # 2014 names start with reviews_
+        if match and not name.startswith('meta_'):  # 2014 names start with reviews_
+            metas = [m for m in files if re.fullmatch(rf'meta_{re.escape(match.group(2))}\.json(\.gz)?', m)]
+            found.append((name, match.group(2), bool(match.group(1)), metas))
+    # a .json without its meta_ file beside it is a stray, unless no file has one (then reviews_ first)
+    paired = [f for f in found if f[3]] or sorted(found, key=lambda f: not f[2])[:1]
+    if len(paired) > 1:
+        raise DataError(f'--raw {raw} holds more than one dataset ({", ".join(f[0] for f in paired)}); give '
+                        'a folder with one review file and its meta_ file.')
+    for f in [f for f in found if f not in paired]:
+        print(f'note: ignored {f[0]} in --raw: no meta_ file beside it', file=sys.stderr)
+    if paired:
+        name, category, old, metas = paired[0]
+        meta = os.path.join(raw, (metas or [f'meta_{category}.json.gz'])[0])
         release, parse = ('amazon2014', amazon2014_meta) if old else ('amazon2018', amazon2018_meta)
+        subject = f'The {category.replace("_", " ").lower()} item'
         return Layout(release, os.path.join(raw, name), meta, subject, amazon_review, parse)
     raise DataError(f'--raw {raw}: found no review file (reviews_<Category>_5.json.gz for Amazon 2014, '
                     '<Category>_5.json.gz for Amazon 2018, yelp_academic_dataset_review.json for Yelp). '
@@ -809,7 +811,7 @@ def main(argv=None):
     if args.download:
         or_exit(download, args.download, args.raw)
     if args.out:
-        or_exit(locked, args.out, build, args, held)
+        or_exit(lock(args.out)(build), args, held)               # build() holding --out's lock
 
 
 def build(args, held):

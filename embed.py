@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, locked, or_exit,
+from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, lock, or_exit,
                   read_json, render_item_prompt, replace_dir, run_path, sha256_file, sha256_json,
                   write_json_atomic)
 from model import pick_device
@@ -410,7 +410,7 @@ def main(argv=None):
     except DataError as e:
         p.error(str(e))
     args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
-    or_exit(locked, args.out, build, args)
+    or_exit(lock(args.out)(build), args)                          # build() holding --out's lock
 
 
 def build(args):

@@ -1369,3 +1369,15 @@ def test_a_hand_edited_processed_array_is_refused(tmp_path, tiny):
     np.save(proc / 'sequences.npy', seq)
     with pytest.raises(data.DataError, match=r'proc: its files have changed since data.py wrote them\. Rebuild'):
         data.load_processed(str(proc))
+
+
+def test_a_stray_json_is_ignored_with_a_note_and_two_datasets_are_refused(tmp_path, capsys):
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    (tmp_path / 'raw' / 'notes.json').write_text('{"mine": 1}')
+    data.main(['--raw', raw, '--out', str(tmp_path / 'p'), '--eval-negatives', '5'])
+    assert data.load_processed(str(tmp_path / 'p')).stats['layout'] == 'amazon2014'
+    assert 'note: ignored notes.json in --raw: no meta_ file beside it' in capsys.readouterr().err
+    shutil.copy(f'{raw}/meta_Beauty.json.gz', f'{raw}/meta_All_Beauty.json.gz')
+    shutil.copy(f'{raw}/reviews_Beauty_5.json.gz', f'{raw}/All_Beauty_5.json.gz')   # a 2018 dataset beside
+    fails_cleanly(data.main, ['--raw', raw, '--out', str(tmp_path / 'q')],
+                  r'holds more than one dataset \(All_Beauty_5.json.gz, reviews_Beauty_5.json.gz\)', [raw], tmp_path)
