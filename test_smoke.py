@@ -1381,3 +1381,18 @@ def test_a_stray_json_is_ignored_with_a_note_and_two_datasets_are_refused(tmp_pa
     shutil.copy(f'{raw}/reviews_Beauty_5.json.gz', f'{raw}/All_Beauty_5.json.gz')   # a 2018 dataset beside
     fails_cleanly(data.main, ['--raw', raw, '--out', str(tmp_path / 'q')],
                   r'holds more than one dataset \(All_Beauty_5.json.gz, reviews_Beauty_5.json.gz\)', [raw], tmp_path)
+
+
+def test_a_run_refuses_its_data_rebuilt_otherwise_at_eval_and_resume(tmp_path, tiny, tiny_emb):
+    proc = tmp_path / 'proc'
+    raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
+    data.main(['--raw', raw, '--out', str(proc), '--eval-negatives', '10'])
+    run = tmp_path / 'run'
+    train.main(['--data', str(proc), '--method', 'base', '--max-len', '10', '--d', '16', '--epochs', '1',
+                '--out', str(run)])
+    data.main(['--raw', raw, '--out', str(proc), '--eval-negatives', '10', '--seed', '7', '--overwrite'])
+    with pytest.raises(data.DataError, match='holds other processed data than .*run was trained on'):
+        evaluation.load_run(str(run), 'cpu')
+    fails_cleanly(train.main, ['--data', str(proc), '--method', 'base', '--max-len', '10', '--d', '16',
+                               '--epochs', '2', '--out', str(run), '--resume'],
+                  r'was trained with other settings: data_fingerprint=', [str(proc), str(run)], tmp_path)
