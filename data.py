@@ -44,7 +44,8 @@ FORMAT_VERSION = 1
 
 
 class DataError(Exception):
-    """An expected mistake in the input or the command line; the message says what to do."""
+    """An expected failure: a mistake in the input or on the command line, or a run that cannot go on
+    (a NaN loss); the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------

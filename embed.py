@@ -343,6 +343,8 @@ def load_embeddings(folder, data):
         raise DataError(f'{folder}: these embeddings were made from other processed data than {data.folder} '
                         f'(fingerprint {manifest["data_fingerprint"][:12]} != {data.fingerprint[:12]}). '
                         f'{rebuild}')
+    if any(sha256_file(os.path.join(folder, f'{k}.npy')) != v for k, v in manifest.get('sha256', {}).items()):
+        raise DataError(f'{folder}: its tables have changed since embed.py wrote them. {rebuild}')
     items, users = (np.load(os.path.join(folder, f'{k}.npy'), mmap_mode='r') for k in ('items', 'users'))
     for name, array, rows in (('items', items, data.n_items), ('users', users, data.n_users)):
         if array.ndim != 2 or array.shape[0] != rows:
@@ -475,7 +477,7 @@ def build(args):
         **key, **tuned, 'lm_path': os.path.abspath(path) if os.path.isdir(path) else path, 'dim': dim,
         'items': len(items), 'users': len(users), 'seconds': seconds, 'device': str(device),
         'texts_per_second': (len(items) + len(users)) / seconds, 'command': ' '.join(sys.argv),
-        'commit': commit})
+        'commit': commit, 'sha256': {k: sha256_file(os.path.join(partial, f'{k}.npy')) for k in arrays}})
     os.remove(progress_path)
     replace_dir(partial, args.out)
     print(f'wrote {args.out}: {len(items):,} items and {len(users):,} users x {dim} dims '

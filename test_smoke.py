@@ -977,6 +977,9 @@ def test_embeddings_with_wrong_rows_or_nan_are_refused(tmp_path, tiny, tiny_emb)
         folder = tmp_path / name
         shutil.copytree(tiny_emb, folder)
         np.save(folder / f'{name}.npy', array)
+        manifest = json.load(open(folder / 'manifest.json'))
+        del manifest['sha256']                                      # a folder from before the tables' hashes
+        json.dump(manifest, open(folder / 'manifest.json', 'w'))
         with pytest.raises(data.DataError, match=match + '.*python embed.py'):
             embed.load_embeddings(str(folder), tiny)
 
@@ -1396,3 +1399,12 @@ def test_a_run_refuses_its_data_rebuilt_otherwise_at_eval_and_resume(tmp_path, t
     fails_cleanly(train.main, ['--data', str(proc), '--method', 'base', '--max-len', '10', '--d', '16',
                                '--epochs', '2', '--out', str(run), '--resume'],
                   r'was trained with other settings: data_fingerprint=', [str(proc), str(run)], tmp_path)
+
+
+def test_a_hand_edited_embedding_table_is_refused(tmp_path, tiny, tiny_emb):
+    emb = shutil.copytree(tiny_emb, tmp_path / 'emb')
+    items = np.load(emb / 'items.npy')
+    items[3] = 0                                                    # one row zeroed by hand
+    np.save(emb / 'items.npy', items)
+    with pytest.raises(data.DataError, match=r'emb: its tables have changed since embed.py wrote them\. Rebuild'):
+        embed.load_embeddings(str(emb), tiny)

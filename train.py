@@ -43,10 +43,6 @@ from eval import evaluate, group_masks, markdown_table, trim, user_vectors
 from model import ModelConfig, build_model, neighbour_mean, pick_device, similar_users
 
 
-class TrainingError(DataError):
-    """A run that cannot go on (a NaN loss, a checkpoint from another configuration)."""
-
-
 def get_args(argv=None):
     """(args, resumable): the flags, and the names of those that may change when a run is resumed.
 
@@ -322,13 +318,13 @@ def train(args, resumable):
              'bad_epochs': 0, 'step': 0, 'seconds': 0.0, 'loss_sum': 0.0, 'epoch_seconds': [], 'history': []}
     if args.resume:
         if not os.path.exists(last_path):
-            raise TrainingError(f'--resume: {last_path} does not exist; start without --resume.')
+            raise DataError(f'--resume: {last_path} does not exist; start without --resume.')
         ckpt = load_checkpoint(last_path)
         saved = ckpt['config']
         changed = sorted(key for key in set(config) | set(saved)
                          if key not in resumable and config.get(key) != saved.get(key))
         if changed:
-            raise TrainingError(f'--resume: {last_path} was trained with other settings: ' +
+            raise DataError(f'--resume: {last_path} was trained with other settings: ' +
                                 ', '.join(f'{key}={saved.get(key)!r} (now {config.get(key)!r})'
                                           for key in changed) + '. Use the same flags, or a new --out.')
         model.load_state_dict(ckpt['model'])
@@ -355,7 +351,7 @@ def train(args, resumable):
             if not np.isfinite(value):
                 good = (f'The last good checkpoint is {last_path} (epoch {state["epoch"] - 1}).'
                         if os.path.exists(last_path) else 'No checkpoint was written yet.')
-                raise TrainingError(f'epoch {state["epoch"]}, steps {first_step}-{state["step"]}: the '
+                raise DataError(f'epoch {state["epoch"]}, steps {first_step}-{state["step"]}: the '
                                     f'{name} loss is {value}; stopped. {good} Try a lower --lr or --clip 1.')
         return values
 
@@ -440,8 +436,6 @@ def train(args, resumable):
               f'eval {time.time() - started:.1f} s'
               f'{" *" if better else ""}', flush=True)
 
-    if state['best_epoch'] < 0:
-        raise TrainingError(f'no epoch was trained (--epochs {args.epochs}); nothing to test.')
     if world > 1:
         torch.distributed.barrier()                 # best.pt is written
         torch.distributed.destroy_process_group()
