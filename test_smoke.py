@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+os.environ.setdefault('HF_HUB_OFFLINE', '1')                         # no test may wait on a model hub
+
 import data
 import embed
 import eval as evaluation
