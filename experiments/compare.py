@@ -42,7 +42,7 @@ NEGATED = {'no_semantic': 'semantic', 'no_collaborative': 'collaborative', 'no_c
 
 def settings(config):
     """{setting: value} of what a run trained, old configs read as today's flags, inputs left out."""
-    config = {**{NEGATED.get(k, k): (not v if k in NEGATED else v) for k, v in config.items()}}
+    config = {NEGATED.get(k, k): (not v if k in NEGATED else v) for k, v in config.items()}
     full = {**DEFAULTS, **LEGACY, **RETIRED, **config}
     ignored = {'base': LLMESR_ONLY | {'lm_scale'}, 'llminit': LLMESR_ONLY}.get(full['method'], set())
     ignored |= {'mask_prob'} if full['backbone'] != 'bert4rec' else set()
@@ -174,11 +174,11 @@ def side(runs):
     return results[0]['config'], results[0].get('data_fingerprint')
 
 
-def group_of_run(run, config, group):
-    """(U,) bool: the test users of `group` for the data that `run` (its `config`) was trained on."""
+def groups_of_run(run, config):
+    """{group: (U,) bool} of the test users, for the data that `run` (its `config`) was trained on."""
     data = load_processed(run_path(config['data'], run))
     return group_masks(data, data.target(1), config.get('tail_item_below', 4),
-                       config.get('tail_user_below', 9))[group]
+                       config.get('tail_user_below', 9))
 
 
 def paired_test(a, b):
@@ -199,7 +199,7 @@ def paired(a_runs, b_runs, group, k=10, protocol='full'):
     (config, fingerprint), (_, other) = side(a_runs), side(b_runs)
     if fingerprint != other:
         raise DataError('--paired: the two sides were trained on different processed data; use one dataset.')
-    users = group_of_run(a_runs[0], config, group)
+    users = groups_of_run(a_runs[0], config)[group]
     if not users.any():
         raise DataError(f'--group {group}: no test user of this data is in it; choose another group.')
     return {'group': group, 'protocol': protocol,
@@ -209,12 +209,14 @@ def paired(a_runs, b_runs, group, k=10, protocol='full'):
 def table(sides, groups, k=10, protocol='full'):
     """Markdown: NDCG@k of each side (comma-separated seeds, averaged per user) in each group, and the
     paired t over that group's users of every side after the first against the first."""
-    (config, fingerprint), ndcg = side(sides[0]), {}
-    for runs in sides:
-        if side(runs)[1] != fingerprint:
+    checked, ndcg = [side(runs) for runs in sides], {}
+    config, fingerprint = checked[0]
+    for runs, (_, other) in zip(sides, checked):
+        if other != fingerprint:
             raise DataError(f'--table: {runs[0]} was trained on other processed data than {sides[0][0]}.')
         ndcg[','.join(runs)] = user_ndcg(runs, k, protocol)
-    masks = {g: group_of_run(sides[0][0], config, g) for g in groups}
+    every = groups_of_run(sides[0][0], config)                     # the data is read and hashed once
+    masks = {g: every[g] for g in groups}
     lines = ['| runs | ' + ' | '.join(f'{g} ({masks[g].sum():,})' for g in groups) + ' |',
              '|---|' + '---:|' * len(groups)]
     base = ndcg[','.join(sides[0])]
