@@ -733,13 +733,17 @@ def test_official_lm_scale_reads_unit_rows_and_unscaled_pca():
     assert torch.allclose(F.normalize(xavier.co_items.weight[1:], dim=1), F.normalize(M.pca(lm, 8), dim=1), atol=1e-5)
 
 
-def test_full_ranking_hides_the_inputs_and_so_a_repeated_target():
-    class ById(torch.nn.Module):                                    # scores item i as i: item 9 is best
-        def item_table(self):
-            return torch.arange(10.0)[:, None]
+class ById(torch.nn.Module):
+    """A model that scores item i as i (item 9 is best), for every user."""
 
-        def user_vectors(self, seq, table=None):
-            return torch.ones(len(seq), 1)
+    def item_table(self):
+        return torch.arange(10.0)[:, None]
+
+    def user_vectors(self, seq, table=None):
+        return torch.ones(len(seq), 1)
+
+
+def test_full_ranking_hides_the_inputs_and_so_a_repeated_target():
     inputs = np.array([[0, 9, 8], [7, 9, 5]])
     targets = np.array([6, 9])                                      # the second user's target is among its inputs
     negatives = np.array([[1, 2], [1, 2]])

@@ -10,12 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_smoke import fails_cleanly, tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
+from test_smoke import ById, fails_cleanly, tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
 
 
 def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
@@ -300,13 +299,6 @@ def test_show_prints_both_runs_and_unknown_user_fails(tiny, tiny_runs, capsys):
 
 def test_recommend_hides_the_inputs_and_padding():
     import show
-
-    class ById(torch.nn.Module):                                    # scores item i as i: item 9 is best
-        def item_table(self):
-            return torch.arange(10.0)[:, None]
-
-        def user_vectors(self, seq, table=None):
-            return torch.ones(len(seq), 1)
     top, _ = show.recommend(ById(), np.array([[0, 9, 8], [7, 9, 5]]), 2, 'cpu')
     assert top.tolist() == [[7, 6], [8, 6]]
 
