@@ -239,23 +239,22 @@ def start(args, resumable):
     printed lines going to <out>/train.log too. Under torchrun only rank 0 touches --out or prints."""
     if int(os.environ.get('RANK', 0)):
         with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
-            return train(args, resumable)
+            return train(args, resumable, load_inputs(vars(args)))
     with lock(args.out):
         held = guard_out(args.out, 'a run', {'--data': args.data, '--emb': args.emb})
         files = set(os.listdir(args.out)) if held else set()      # only a run's own files (guard_out)
         # a folder with a log alone is a run that failed before its first checkpoint: start it afresh
-        if files - {'train.log'}:
-            if not (args.overwrite or args.resume):
-                raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(files))}). '
-                                'Continue it with --resume, or replace it with --overwrite.')
-            if args.overwrite:                                     # inputs checked first; then the old
-                load_inputs(vars(args))                            # run's files go, nothing else
-                for name in files:
-                    os.remove(os.path.join(args.out, name))
+        if files - {'train.log'} and not (args.overwrite or args.resume):
+            raise DataError(f'--out {args.out} holds a run ({", ".join(sorted(files))}). '
+                            'Continue it with --resume, or replace it with --overwrite.')
+        inputs = load_inputs(vars(args))                           # read and checked before --out changes
+        if files - {'train.log'} and args.overwrite:               # the old run's files go, nothing else
+            for name in files:
+                os.remove(os.path.join(args.out, name))
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'train.log'), 'a') as log:   # appended to on --resume
             with contextlib.redirect_stdout(Tee(sys.stdout, log)):
-                train(args, resumable)
+                train(args, resumable, inputs)
 
 
 def set_up_device(args):
@@ -277,7 +276,8 @@ def set_up_device(args):
     return device, rank, world
 
 
-def train(args, resumable):
+def train(args, resumable, inputs):
+    """inputs: load_inputs() of the run's flags, (data, LM items, LM users, embedding identity)."""
     config = dict(vars(args))                                      # the run's record; args stays as parsed
     commit = git_commit()                                          # the code this run starts from
     device, rank, world = set_up_device(args)
@@ -285,7 +285,7 @@ def train(args, resumable):
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     neg_gen = torch.Generator().manual_seed(args.seed)
-    data, llm_items, llm_users, config['emb_id'] = load_inputs(config)
+    data, llm_items, llm_users, config['emb_id'] = inputs
     config['data_fingerprint'] = data.fingerprint
     for name in ('data', 'emb'):                                   # found from the run wherever it runs
         config[name] = config[name] and os.path.relpath(os.path.realpath(config[name]), args.out)
@@ -325,8 +325,8 @@ def train(args, resumable):
                          if key not in resumable and config.get(key) != saved.get(key))
         if changed:
             raise DataError(f'--resume: {last_path} was trained with other settings: ' +
-                                ', '.join(f'{key}={saved.get(key)!r} (now {config.get(key)!r})'
-                                          for key in changed) + '. Use the same flags, or a new --out.')
+                            ', '.join(f'{key}={saved.get(key)!r} (now {config.get(key)!r})'
+                                      for key in changed) + '. Use the same flags, or a new --out.')
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         set_rng_state(ckpt['rng'], np_rng, neg_gen)
@@ -352,7 +352,7 @@ def train(args, resumable):
                 good = (f'The last good checkpoint is {last_path} (epoch {state["epoch"] - 1}).'
                         if os.path.exists(last_path) else 'No checkpoint was written yet.')
                 raise DataError(f'epoch {state["epoch"]}, steps {first_step}-{state["step"]}: the '
-                                    f'{name} loss is {value}; stopped. {good} Try a lower --lr or --clip 1.')
+                                f'{name} loss is {value}; stopped. {good} Try a lower --lr or --clip 1.')
         return values
 
     interrupted = []
