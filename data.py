@@ -64,6 +64,18 @@ def sha256_json(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def folder_fingerprint(folder, names):
+    """The sha256 of the named files' sha256s: what a processed folder's manifest calls its fingerprint."""
+    return sha256_json([(name, sha256_file(os.path.join(folder, name))) for name in names])
+
+
+def at_least(p, args, least, *names):
+    """argparse's error naming the first flag of `names` (dests) whose value is below `least`."""
+    for name in names:
+        if getattr(args, name) < least:
+            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least {least}')
+
+
 def git_commit():
     """The commit the code ran from, with '+dirty' if the tree had changes; None outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -724,8 +736,7 @@ def load_processed(folder):
     if missing:
         raise DataError(f'{os.path.join(folder, missing[0])} is missing. {remedy}')
     # the fingerprint is the hash of every file: one edited or replaced since data.py wrote it is refused
-    if sha256_json([(name, sha256_file(os.path.join(folder, name))) for name in manifest['outputs']]) != \
-            manifest['fingerprint']:
+    if folder_fingerprint(folder, manifest['outputs']) != manifest['fingerprint']:
         raise DataError(f'{folder}: its files have changed since data.py wrote them. {remedy}')
     arrays = {name: np.load(os.path.join(folder, f'{name}.npy')) for name in ['sequences', 'offsets',
                                                                                 'eval_negatives']}
@@ -801,9 +812,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.out or args.download):
         p.error('give --out, the processed folder to write (and --download NAME to fetch the files first)')
-    for name in ('min_user', 'min_item', 'max_value_chars', 'user_text_chars', 'eval_negatives'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 1')
+    at_least(p, args, 1, 'min_user', 'min_item', 'max_value_chars', 'user_text_chars', 'eval_negatives')
     if not (0 < args.sample_users <= 1 and 0 <= args.max_bad <= 1):
         p.error('--sample-users takes a share of users in (0, 1], --max-bad a share in [0, 1]')
     args.out = args.out and os.path.realpath(args.out)             # a link or a trailing slash: the folder
@@ -844,7 +853,7 @@ def build(args, held):
     try:
         stats = process(layout, args)
         outputs = sorted(os.listdir(args.tmp))
-        fingerprint = sha256_json([(name, sha256_file(os.path.join(args.tmp, name))) for name in outputs])
+        fingerprint = folder_fingerprint(args.tmp, outputs)
         if old and old.get('fingerprint') != fingerprint:          # other code alone may rebuild the same
             raise DataError(f'--out {args.out} holds other processed data (made from other inputs, settings '
                             'or code); replace it with --overwrite, or give a new folder as --out.')

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 import torch.nn.functional as F
 
-from data import (DataError, batches_by_length, git_commit, guard_out, load_processed, lock, or_exit,
-                  read_json, render_item_prompt, replace_dir, run_path, sha256_file, sha256_json,
+from data import (DataError, at_least, batches_by_length, git_commit, guard_out, load_processed, lock,
+                  or_exit, read_json, render_item_prompt, replace_dir, run_path, sha256_file, sha256_json,
                   write_json_atomic)
 from model import pick_device
 
@@ -399,10 +399,9 @@ def main(argv=None):
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
-    for name, least in (('max_length', 2), ('batch_size', 1), ('views', 2), ('steps', 1),
-                        ('ft_batch_size', 2), ('heldout', 0), ('train_layers', 0), ('lora_r', 1)):
-        if getattr(args, name) < least:
-            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least {least}')
+    at_least(p, args, 2, 'max_length', 'views', 'ft_batch_size')
+    at_least(p, args, 1, 'batch_size', 'steps', 'lora_r')
+    at_least(p, args, 0, 'heldout', 'train_layers')
     if not (0 <= args.drop < 1 and 0 <= args.lora_dropout < 1 and 0 <= args.warmup <= 1):
         p.error('--drop, --lora-dropout and --warmup take shares in [0, 1)')
     if min(args.lr, args.temperature, args.temperature_lr) <= 0:

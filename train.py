@@ -36,8 +36,8 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from data import (DataError, git_commit, guard_out, load_checkpoint, lock, or_exit, save_checkpoint,
-                  write_atomic, write_json_atomic)
+from data import (DataError, at_least, git_commit, guard_out, load_checkpoint, lock, or_exit,
+                  save_checkpoint, write_atomic, write_json_atomic)
 from embed import load_inputs
 from eval import evaluate, group_masks, markdown_table, trim, user_vectors
 from model import ModelConfig, build_model, neighbour_mean, pick_device, similar_users
@@ -101,16 +101,12 @@ def get_args(argv=None):
 
 def check_args(p, args):
     """Refuse at once, naming the flag, what cannot work."""
-    for name in ('d', 'max_len', 'layers', 'heads', 'cross_heads', 'negatives', 'batch_size', 'n_similar',
-                 'epochs', 'patience', 'eval_batch', 'eval_memory', 'log_every'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 1')
+    at_least(p, args, 1, 'd', 'max_len', 'layers', 'heads', 'cross_heads', 'negatives', 'batch_size',
+             'n_similar', 'epochs', 'patience', 'eval_batch', 'eval_memory', 'log_every')
     for name in ('dropout', 'mask_prob'):
         if not 0 <= getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a share in [0, 1)')
-    for name in ('alpha', 'weight_decay', 'clip', 'threads', 'logit_adjust'):
-        if getattr(args, name) < 0:
-            p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a number of at least 0')
+    at_least(p, args, 0, 'alpha', 'weight_decay', 'clip', 'threads', 'logit_adjust')
     if args.lr <= 0 or min(args.ks) < 1:
         p.error('--lr takes a number above 0, --ks numbers of at least 1')
     for heads in ('heads', 'cross_heads'):
