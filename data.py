@@ -20,7 +20,9 @@ It is built under a temporary name and renamed into place, so it is whole or abs
 import argparse
 import ast
 import contextlib
+import csv
 import fcntl
+import functools
 import gzip
 import hashlib
 import html
@@ -278,8 +280,9 @@ class BadLines:
             print(f'warning: {path}: skipped {bad} malformed lines of {total}', file=sys.stderr)
 
 
-def read_lines(path, bad):
-    """Yield (line number, text) of a plain or gzip file; undecodable lines are reported, not yielded."""
+def read_lines(path, bad, header=False):
+    """Yield (line number, text) of a plain or gzip file; undecodable lines are reported, not yielded,
+    and so is the first line if it is a `header`."""
     opener = gzip.open if path.endswith('.gz') else open
     lineno = 0
     try:
@@ -291,8 +294,9 @@ def read_lines(path, bad):
                 except UnicodeDecodeError as e:
                     bad.report(path, lineno, f'not UTF-8 ({e.reason} at byte {e.start})')
                     continue
-                if text:
+                if text and not header:
                     yield lineno, text
+                header = header and not text
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f'{path}: the gzip stream is truncated or damaged after line {lineno} ({e}). '
                         'Download the file again.') from e
@@ -330,8 +334,8 @@ def parse_time(value):
     if isinstance(value, (int, float)):
         return int(value)
     if isinstance(value, str):
-        if re.fullmatch(r'\s*-?\d+\s*', value):
-            return int(value)
+        if re.fullmatch(r'\s*-?\d+(\.\d*)?\s*', value):                 # RecBole writes 1391212800.0
+            return int(float(value))
         try:
             when = datetime.fromisoformat(value.strip())
         except ValueError:
@@ -382,10 +386,10 @@ def amazon_attributes(meta, limit, categories, extra_features=()):
     return [(k, v) for k, v in attrs if v]
 
 
-def amazon2014_meta(text, limit):
-    meta = ast.literal_eval(text)
+def amazon2014_meta(text, limit, meta=None):
+    meta = ast.literal_eval(text) if meta is None else meta
     (item,) = ids(*require(meta, ['asin']))
-    return item, amazon_attributes(meta, limit, categories_2014(meta.get('categories')))
+    return [(item, amazon_attributes(meta, limit, categories_2014(meta.get('categories'))))]
 
 
 def amazon2018_meta(text, limit):
@@ -394,7 +398,7 @@ def amazon2018_meta(text, limit):
     cats = meta.get('category') or []
     cats = [cats] if isinstance(cats, str) else [c for c in cats if isinstance(c, str)]
     feats = meta.get('feature') or []
-    return item, amazon_attributes(meta, limit, cats, [feats] if isinstance(feats, str) else feats)
+    return [(item, amazon_attributes(meta, limit, cats, [feats] if isinstance(feats, str) else feats))]
 
 
 def yelp_review(text):
@@ -402,33 +406,114 @@ def yelp_review(text):
     return (*ids(user, item), parse_time(when))
 
 
-def yelp_meta(text, limit):
-    meta = json.loads(text)
+def yelp_meta(text, limit, meta=None):
+    meta = json.loads(text) if meta is None else meta
     (item,) = ids(*require(meta, ['business_id']))
     attrs = [('name', clean(meta.get('name'), limit)),
              ('city', clean(meta.get('city'), limit)),
              ('stars', clean(meta.get('stars'), limit)),
              ('review count', clean(meta.get('review_count'), limit)),
              ('categories', clean(meta.get('categories'), limit))]
-    return item, [(k, v) for k, v in attrs if v]
+    return [(item, [(k, v) for k, v in attrs if v])]
+
+
+def table(path):
+    """(column names, line -> {name: value}) of a file whose first line names its columns: RecBole's
+    atomic files (tab-separated; typed names such as user_id:token, the type dropped), TSV, or CSV."""
+    csv_file = re.search(r'\.csv(\.gz)?$', path)
+    split = (lambda text: next(csv.reader([text]))) if csv_file else (lambda text: text.split('\t'))
+    names = next((split(text) for _, text in read_lines(path, BadLines(False, 1))), None)
+    if not names:
+        raise DataError(f'{path}: the file is empty; its first line should name the columns.')
+    names = [name.split(':')[0].strip() for name in names]
+
+    def row(text):
+        values = split(text)
+        if len(values) != len(names):
+            raise ValueError(f'{len(values)} fields, the header names {len(names)}')
+        return dict(zip(names, values))
+    return names, row
+
+
+def table_parsers(reviews, meta, columns):
+    """The parsers of an interactions table (user, item, time columns; no time: file order) and of its
+    items table (the item column, every other column an attribute; `title` is the item's name)."""
+    names, row = table(reviews)
+    user, item, *time = columns or ['user_id', 'item_id'] + [n for n in names if n == 'timestamp']
+    missing = [c for c in [user, item, *time] if c not in names]
+    meta_names, meta_row = table(meta) if meta else ([item], None)
+    if missing or item not in meta_names:
+        path, names = (reviews, names) if missing else (meta, meta_names)
+        raise DataError(f'{path}: the header ({", ".join(names)}) has no column {(missing or [item])[0]}. '
+                        'Name the user, item and time columns with --columns USER,ITEM[,TIME].')
+
+    def parse_review(text):
+        values = row(text)
+        return (*ids(*require(values, [user, item])), parse_time(values[time[0]]) if time else None)
+
+    def parse_meta(text, limit):
+        values = meta_row(text)
+        attrs = [('name' if k == 'title' else k, clean(v, limit)) for k, v in values.items() if k != item]
+        return [(*ids(*require(values, [item])), [(k, v) for k, v in attrs if v])]
+    return parse_review, parse_meta
+
+
+def archive_parsers(folder):
+    """The parsers of the authors' LLM-ESR files (data/<dataset>/handled/): inter.txt, `user item` per
+    line in time order, ids mapped back to the originals by id_map.json; item2attributes.json, one JSON
+    object of each item's original metadata."""
+    path = os.path.join(folder, 'id_map.json')
+    maps = read_json(path, 'id map', 'Take it from the same archive.') if os.path.exists(path) else {}
+
+    def parse_review(text):
+        user, item = text.split()
+        int(user), int(item)                                     # ValueError unless both are numbers
+        return maps.get('id2user', {}).get(user, user), maps.get('id2item', {}).get(item, item), None
+
+    def parse_meta(text, limit):
+        return [pair for key, meta in json.loads(text).items() if isinstance(meta, dict)
+                for pair in (yelp_meta(None, limit, meta) if 'business_id' in meta else
+                             amazon2014_meta(None, limit, {**meta, 'asin': key}))]
+    return parse_review, parse_meta
 
 
 @dataclass
 class Layout:
     name: str
     reviews: str        # path
-    meta: str           # path
+    meta: str           # path; None: no items file (each prompt holds the item's id)
     subject: str        # 'The beauty item': how the prompt names an item
     parse_review: callable
     parse_meta: callable
+    header: bool = False    # the files' first lines name their columns
+    also: tuple = ()        # other files read (id_map.json)
 
 
-def detect_layout(raw):
-    """Find the review and metadata files in `raw` and say which release they come from."""
+def detect_layout(raw, columns=None):
+    """Find the interaction and item files in `raw` and say which layout they come in."""
     if not os.path.isdir(raw):
         raise DataError(f'--raw {raw}: no such folder. Put the original files there, or fetch them with '
                         f'`python data.py --download amazon2014-Beauty --raw {raw}`.')
     files = sorted(os.listdir(raw))
+    at = functools.partial(os.path.join, raw)
+    if {'inter.txt', 'id_map.json', 'item2attributes.json'} & set(files):
+        if 'inter.txt' not in files:
+            raise DataError(f'--raw {raw}: an LLM-ESR archive folder (id_map.json, item2attributes.json) '
+                            'without its inter.txt; take it from the same archive (`user item` lines).')
+        real = os.path.realpath(raw)                              # data/<dataset>/handled: the dataset
+        name = os.path.basename(os.path.dirname(real) if os.path.basename(real) == 'handled' else real)
+        meta = at('item2attributes.json') if 'item2attributes.json' in files else None
+        return Layout('llmesr', at('inter.txt'), meta, f'The {name.lower()} item', *archive_parsers(raw),
+                      also=tuple(at(f) for f in ['id_map.json'] if f in files))
+    tables = [f for f in files if re.fullmatch(r'.+\.inter|interactions\.(csv|tsv)(\.gz)?', f)]
+    if len(tables) > 1:
+        raise DataError(f'--raw {raw} holds more than one interactions file ({", ".join(tables)}); keep one.')
+    if tables:
+        recbole = tables[0].endswith('.inter')
+        wanted = re.escape(tables[0][:-len('inter')]) + 'item' if recbole else r'items\.(csv|tsv)(\.gz)?'
+        meta = next((at(f) for f in files if re.fullmatch(wanted, f)), None)
+        return Layout('recbole' if recbole else 'table', at(tables[0]), meta, 'The item',
+                      *table_parsers(at(tables[0]), meta, columns), header=True)
     if 'yelp_academic_dataset_review.json' in files:
         meta = os.path.join(raw, 'yelp_academic_dataset_business.json')
         return Layout('yelp', os.path.join(raw, 'yelp_academic_dataset_review.json'), meta,
@@ -452,8 +537,9 @@ def detect_layout(raw):
         release, parse = ('amazon2014', amazon2014_meta) if old else ('amazon2018', amazon2018_meta)
         subject = f'The {category.replace("_", " ").lower()} item'
         return Layout(release, os.path.join(raw, name), meta, subject, amazon_review, parse)
-    raise DataError(f'--raw {raw}: found no review file (reviews_<Category>_5.json.gz for Amazon 2014, '
-                    '<Category>_5.json.gz for Amazon 2018, yelp_academic_dataset_review.json for Yelp). '
+    raise DataError(f'--raw {raw}: found no interactions file (reviews_<Category>_5.json.gz for Amazon '
+                    '2014, <Category>_5.json.gz for Amazon 2018, yelp_academic_dataset_review.json for Yelp, '
+                    '<name>.inter for RecBole, interactions.csv or .tsv, inter.txt for the LLM-ESR archive). '
                     f'Files there: {", ".join(files) or "none"}.')
 
 
@@ -559,19 +645,22 @@ def length_stats(lengths):
 def process(layout, args):
     """Read, filter, split and describe one dataset; write it to a temporary folder; return its stats."""
     bad = BadLines(args.strict, args.max_bad)
-    raw_users, raw_items, times, seen, duplicates = [], [], [], set(), 0
-    for lineno, text in read_lines(layout.reviews, bad):
+    raw_users, raw_items, times, seen, duplicates, timeless = [], [], [], set(), 0, False
+    for lineno, text in read_lines(layout.reviews, bad, layout.header):
         try:
             user, item, when = layout.parse_review(text)
         except (ValueError, SyntaxError, TypeError) as e:
             bad.report(layout.reviews, lineno, str(e) or type(e).__name__)
             continue
+        timeless, when = (True, lineno) if when is None else (timeless, when)   # no time: file order
         if (user, item, when) in seen:
             duplicates += 1
             continue
         seen.add((user, item, when))
         raw_users.append(user), raw_items.append(item), times.append(when)
     bad.check(layout.reviews)
+    if not raw_users:
+        raise DataError(f'{layout.reviews}: the file holds no interactions, only a header.')
     del seen
     if duplicates:
         print(f'warning: dropped {duplicates} exact duplicate interactions (same user, item and time)',
@@ -608,18 +697,21 @@ def process(layout, args):
     # item attributes: only items that survived are kept
     wanted = {item_names[i]: k + 1 for k, i in enumerate(item_ids)}
     attrs = [None] * (n_items + 1)
-    if not os.path.exists(layout.meta):
-        raise DataError(f'{layout.meta}: metadata file is missing. Put it beside the reviews, '
-                        f'or fetch both with `python data.py --download <NAME> --raw {args.raw}`.')
-    for lineno, text in read_lines(layout.meta, bad):
+    for lineno, text in read_lines(layout.meta, bad, layout.header) if layout.meta else []:
         try:
-            item, item_attrs = layout.parse_meta(text, args.max_value_chars)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+            pairs = layout.parse_meta(text, args.max_value_chars)
+        except (ValueError, SyntaxError, TypeError, AttributeError, MemoryError, RecursionError) as e:
             bad.report(layout.meta, lineno, str(e) or type(e).__name__)
             continue
-        if item in wanted and attrs[wanted[item]] is None:
-            attrs[wanted[item]] = item_attrs
-    bad.check(layout.meta)
+        for item, item_attrs in pairs:
+            if item in wanted and attrs[wanted[item]] is None:
+                attrs[wanted[item]] = item_attrs
+    if layout.meta:
+        bad.check(layout.meta)
+    else:
+        print(f'warning: no items file beside {layout.reviews}; each item\'s prompt holds only its id',
+              file=sys.stderr)
+        attrs = [None] + [[('id', str(item_names[i]))] for i in item_ids]
     no_meta = sum(a is None for a in attrs[1:])
     no_text = sum(not a for a in attrs[1:])
     if no_text == n_items:
@@ -664,6 +756,8 @@ def process(layout, args):
     if args.kcore != 'iterative' or args.sample_users < 1:        # only then, so default folders keep their
         stats.update(kcore=args.kcore, sample_users=args.sample_users,   # fingerprint
                      interactions_per_item=len(items) / n_items)
+    if timeless:
+        stats['order'] = 'file order: the interactions have no time'
     write_json_atomic(os.path.join(args.tmp, 'stats.json'), stats)
     return stats
 
@@ -752,13 +846,16 @@ AMAZON2018 = 'https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/{}/{}'
 
 
 def download_urls(name):
-    """The original files of a dataset name such as amazon2014-Beauty or amazon2018-All_Beauty."""
+    """The original files of a dataset name such as amazon2014-Beauty or amazon2018-All_Beauty (their
+    5-core review files; with -full, such as amazon2014-Beauty-full, every review, as the papers')."""
     release, _, category = name.partition('-')
+    core = '' if category.endswith('-full') else '_5'
+    category = category.removesuffix('-full')
     if release == 'amazon2014' and category:
-        return [AMAZON2014.format(f'reviews_{category}_5.json.gz'),
+        return [AMAZON2014.format(f'reviews_{category}{core}.json.gz'),
                 AMAZON2014.format(f'meta_{category}.json.gz')]
     if release == 'amazon2018' and category:
-        return [AMAZON2018.format('categoryFilesSmall', f'{category}_5.json.gz'),
+        return [AMAZON2018.format('categoryFiles' + ('Small' if core else ''), f'{category}{core}.json.gz'),
                 AMAZON2018.format('metaFiles2', f'meta_{category}.json.gz')]
     if release == 'yelp':
         raise DataError('the Yelp Open Dataset needs its terms accepted in a browser: download it from '
@@ -793,7 +890,7 @@ def main(argv=None):
     p.add_argument('--raw', required=True, help='folder with the original release files')
     p.add_argument('--out', help='processed folder to write (reused when inputs and config are unchanged)')
     p.add_argument('--download', metavar='NAME', help='first fetch the original files into --raw: '
-                   'amazon2014-<Category>, amazon2018-<Category> or yelp')
+                   'amazon2014-<Category>, amazon2018-<Category> (5-core; add -full for all reviews) or yelp')
     p.add_argument('--min-user', type=int, default=5, help='k-core: least interactions per user')
     p.add_argument('--min-item', type=int, default=5, help='k-core: least interactions per item')
     p.add_argument('--kcore', default='iterative', choices=['iterative', 'once'],
@@ -801,6 +898,8 @@ def main(argv=None):
                         "with fewer than 3 dropped (the official code's filter, the paper's statistics)")
     p.add_argument('--sample-users', type=float, default=1.0, metavar='F',
                    help='keep a random share F of users, each whole, before the k-core (seeded by --seed)')
+    p.add_argument('--columns', metavar='USER,ITEM[,TIME]', type=lambda v: v.split(','),
+                   help='column names in a CSV, TSV or RecBole header (default user_id,item_id[,timestamp])')
     p.add_argument('--strict', action='store_true', help='fail on the first malformed line')
     p.add_argument('--max-bad', type=float, default=0.01, help='fail past this share of malformed lines')
     p.add_argument('--max-value-chars', type=int, default=300, help='cut each attribute value to this length')
@@ -812,6 +911,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.out or args.download):
         p.error('give --out, the processed folder to write (and --download NAME to fetch the files first)')
+    if args.columns and not (2 <= len(args.columns) <= 3 and all(args.columns)):
+        p.error(f'--columns {",".join(args.columns)}: give USER,ITEM or USER,ITEM,TIME, names in the header')
     at_least(p, args, 1, 'min_user', 'min_item', 'max_value_chars', 'user_text_chars', 'eval_negatives')
     if not (0 < args.sample_users <= 1 and 0 <= args.max_bad <= 1):
         p.error('--sample-users takes a share of users in (0, 1], --max-bad a share in [0, 1]')
@@ -826,15 +927,19 @@ def main(argv=None):
 
 def build(args, held):
     """Process --raw into --out; `held`: guard_out() found a processed folder there already."""
-    layout = detect_layout(args.raw)
-    missing = [path for path in (layout.reviews, layout.meta) if not os.path.exists(path)]
+    layout = detect_layout(args.raw, args.columns)
+    if layout.name == 'llmesr':
+        print("note: the authors' files are filtered already; no k-core (--min-user 3 --min-item 1)")
+        args.min_user, args.min_item = 3, 1
+    missing = [path for path in (layout.reviews, layout.meta) if path and not os.path.exists(path)]
     if missing:
         raise DataError(f'{missing[0]}: file is missing. Put the original file there, or fetch it with '
                         f'`python data.py --download <NAME> --raw {args.raw}` (NAME like amazon2014-Beauty).')
     config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'kcore', 'sample_users',
                                             'max_value_chars', 'user_text_chars', 'eval_negatives', 'seed']}
+    config.update({'columns': args.columns} if args.columns else {})
     inputs = [{'path': os.path.abspath(p), 'bytes': os.path.getsize(p), 'sha256': sha256_file(p)}
-              for p in (layout.reviews, layout.meta)]
+              for p in (layout.reviews, layout.meta, *layout.also) if p]
     # `key` decides whether a folder may be reused: same inputs, config and code (this file's source,
     # so a change in how prompts are rendered rebuilds). `fingerprint` is a hash of what was
     # written; embeddings and runs check it, so they follow the content, not the code.

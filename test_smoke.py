@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -195,6 +196,158 @@ def test_kcore_once_is_one_pass_as_the_official_filter(tmp_path):
         s = data.load_processed(str(tmp_path / how)).stats
         counts[how] = (s['users'], s['items'], s['interactions'])
     assert counts == {'once': (4, 5, 13), 'iterative': (4, 4, 12)}
+
+
+# your own data: RecBole atomic files, CSV/TSV with or without time, the authors' LLM-ESR archive
+LAYOUTS = [('recbole', True, True), ('recbole', True, False), ('csv', True, True), ('csv', False, True),
+           ('tsv', True, True), ('tsv', False, False), ('llmesr', False, True)]
+
+
+def own_layout(folder, kind, rows, time=True, items=True):
+    """`rows` (user, item, time), sorted by time within each user, written in `kind`'s layout: newest
+    first when there is a time (it must sort them), in order when not; -> (folder, data.py flags).
+    The archive is written as the authors' code writes it, with ids that differ from data.py's."""
+    os.makedirs(folder, exist_ok=True)
+    names = sorted({i for _, i, _ in rows})
+    if kind == 'llmesr':
+        users = list(dict.fromkeys(u for u, _, _ in rows))
+        uid = {u: str(2 * (len(users) - k)) for k, u in enumerate(users)}    # reversed, with gaps
+        iid = {i: str(len(names) - k) for k, i in enumerate(names)}
+        write_lines(f'{folder}/inter.txt', [f'{uid[u]} {iid[i]}' for u, i, _ in rows])
+        with open(f'{folder}/id_map.json', 'w') as f:
+            json.dump({'user2id': uid, 'item2id': iid, 'id2user': {v: k for k, v in uid.items()},
+                       'id2item': {v: k for k, v in iid.items()}}, f)
+        with open(f'{folder}/item2attributes.json', 'w') as f:
+            json.dump({i: {'asin': i, 'title': f'Lipstick {i}', 'brand': 'Acme', 'price': 5.5,
+                           'categories': [['Beauty', 'Makeup']]} for i in names}, f)
+        return folder, []
+    sep = ',' if kind == 'csv' else '\t'
+    cols = (['uid', 'iid', 'ts'] if kind == 'csv' else
+            ['user_id:token', 'item_id:token', 'timestamp:float'] if kind == 'recbole' else ['user_id', 'item_id', 'timestamp'])
+    cols = cols if time else cols[:2]
+    stamp = '.0' if kind == 'recbole' else ''
+    ext = {'recbole': ('tiny.inter', 'tiny.item'), 'csv': ('interactions.csv', 'items.csv'),
+           'tsv': ('interactions.tsv.gz', 'items.tsv')}[kind]
+    lines = [sep.join([u, i, f'{t}{stamp}'][:len(cols)]) for u, i, t in (rows[::-1] if time else rows)]
+    write_lines(f'{folder}/{ext[0]}', [sep.join(cols)] + lines)
+    if items:
+        title = (lambda i: f'"Lipstick {i}, red"') if kind == 'csv' else (lambda i: f'Lipstick {i}')
+        write_lines(f'{folder}/{ext[1]}', [sep.join([cols[1], 'title', 'brand'])] +
+                    [sep.join([i, title(i), 'Acme']) for i in names])
+    return folder, (['--columns', ','.join(cols)] if kind == 'csv' else [])
+
+
+@pytest.mark.parametrize('kind,time,items', LAYOUTS)
+def test_own_layouts_give_the_same_sequences_and_prompts(tmp_path, kind, time, items, capsys):
+    rows = synthetic_log()
+    raw, flags = own_layout(str(tmp_path / 'raw'), kind, rows, time, items)
+    data.main(['--raw', raw, '--out', str(tmp_path / 'proc'), '--eval-negatives', '5', '--min-user', '3',
+               '--min-item', '1', *flags])
+    d = data.load_processed(str(tmp_path / 'proc'))
+    item_rows, user_rows = d.read_jsonl('items.jsonl'), d.read_jsonl('users.jsonl')
+    raw_item = {r['id']: r['raw'] for r in item_rows}
+    got = {user_rows[u]['raw']: [raw_item[i] for i in d.sequences[d.offsets[u]:d.offsets[u + 1]]]
+           for u in range(d.n_users)}
+    want = {}
+    for u, i, _ in rows:
+        want.setdefault(u, []).append(i)
+    assert got == want
+    assert ('order' not in d.stats) == bool(time) and d.stats['layout'] == kind.replace('csv', 'table').replace('tsv', 'table')
+    prompt = item_rows[0]['prompt']
+    if items:
+        title = f'Lipstick {item_rows[0]["raw"]}' + (', red' if kind == 'csv' else '')
+        assert f'name is {title}; brand is Acme' in prompt and title in user_rows[0]['prompt']
+    else:
+        assert prompt == f'The item has following attributes: id is {item_rows[0]["raw"]}.'
+        assert 'holds only its id' in capsys.readouterr().err
+
+
+def test_authors_tables_are_matched_by_original_id(tmp_path):
+    rows = synthetic_log()
+    raw, _ = own_layout(str(tmp_path / 'raw'), 'llmesr', rows)
+    data.main(['--raw', raw, '--out', str(tmp_path / 'proc'), '--eval-negatives', '5'])
+    d = data.load_processed(str(tmp_path / 'proc'))
+    maps = json.load(open(f'{raw}/id_map.json'))
+    archive_users = list(dict.fromkeys(line.split()[0] for line in open(f'{raw}/inter.txt')))
+    # the authors' rows: item row k is item id k + 1; user row k the k-th user of inter.txt
+    n_items = len(maps['id2item'])
+    items = np.tile(np.arange(1, n_items + 1, dtype=np.float32)[:, None], (1, 4))
+    users = np.tile(np.array([float(u) for u in archive_users], dtype=np.float32)[:, None], (1, 4))
+    for name, table in (('itm_emb_np.pkl', items), ('usr_emb_np.pkl', users)):
+        with open(f'{raw}/{name}', 'wb') as f:
+            pickle.dump(table, f)
+    embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb')])
+    got_items, got_users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), d)
+    assert [int(v) for v in got_items[:, 0]] == [int(maps['item2id'][r['raw']]) for r in d.read_jsonl('items.jsonl')]
+    assert [int(v) for v in got_users[:, 0]] == [int(maps['user2id'][r['raw']]) for r in d.read_jsonl('users.jsonl')]
+    assert manifest['lm'].startswith('imported from') and manifest['pooling'] == 'as made there'
+    # an item table a row short; a user table a row short of inter.txt's users: both refused
+    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
+        pickle.dump(items[:-1], f)
+    with pytest.raises(SystemExit, match=r"1 of the data's items \(\w+, ...\) have no row. Were the tables made"):
+        embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb2')])
+    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
+        pickle.dump(items, f)
+    with open(f'{raw}/inter.txt', 'a') as f:
+        f.write('999 1\n')
+    with pytest.raises(SystemExit, match='40 rows stand for 41 users'):
+        embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb2')])
+    assert not (tmp_path / 'emb2').exists()
+
+
+def test_download_names_the_5core_or_every_review():
+    assert data.download_urls('amazon2014-Beauty')[0].endswith('/categoryFiles/reviews_Beauty_5.json.gz')
+    assert data.download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
+    assert data.download_urls('amazon2018-AMAZON_FASHION-full')[0].endswith('/categoryFiles/AMAZON_FASHION.json.gz')
+    assert data.download_urls('amazon2018-All_Beauty')[0].endswith('/categoryFilesSmall/All_Beauty_5.json.gz')
+
+
+class RunsCode:
+    """A pickle of this makes the unpickler call os.mkdir: code run by merely loading the file."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, tiny):
+    marker, tables = tmp_path / 'ran', tmp_path / 'tables'
+    tables.mkdir()
+    for name, obj in (('itm_emb_np.pkl', RunsCode(str(marker))), ('usr_emb_np.pkl', np.zeros((2, 2)))):
+        with open(tables / name, 'wb') as f:
+            pickle.dump(obj, f)
+    with pytest.raises(SystemExit, match=r'itm_emb_np.pkl: refused \(it names posix.mkdir.*nothing in it ran'):
+        embed.main(['--data', tiny.folder, '--import', str(tables), '--out', str(tmp_path / 'emb')])
+    assert not marker.exists() and not (tmp_path / 'emb').exists()
+    # a pair of .npy files in the data's order; a row count that does not match is refused
+    np.save(tables / 'items.npy', np.ones((tiny.n_items, 3)))
+    np.save(tables / 'users.npy', np.ones((tiny.n_users + 1, 3)))
+    for f in ('itm_emb_np.pkl', 'usr_emb_np.pkl'):
+        os.remove(tables / f)
+    with pytest.raises(SystemExit, match=rf'users.npy: shape \({tiny.n_users + 1}, 3\); the data has {tiny.n_users}'):
+        embed.main(['--data', tiny.folder, '--import', str(tables), '--out', str(tmp_path / 'emb')])
+
+
+@pytest.mark.parametrize('case,match', [
+    ('columns', r'interactions.csv: the header \(user, item\) has no column user_id. Name .* --columns'),
+    ('time', r'interactions.tsv: 3 of 4 lines are malformed'),
+    ('empty', r'interactions.csv: the file is empty; its first line should name the columns'),
+    ('header', r'interactions.csv: the file holds no interactions, only a header'),
+    ('archive', r'an LLM-ESR archive folder .* without its inter.txt'),
+    ('item-columns', r'items.csv: the header \(asin, title\) has no column item_id')])
+def test_own_data_mistakes_get_one_line_naming_the_file(tmp_path, case, match):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    files = {'columns': {'interactions.csv': ['user,item', 'a,b']},
+             'time': {'interactions.tsv': ['user_id\titem_id\ttimestamp'] + ['a\tb\tyesterday'] * 3},
+             'empty': {'interactions.csv': []},
+             'header': {'interactions.csv': ['user_id,item_id']},
+             'archive': {'id_map.json': ['{}'], 'item2attributes.json': ['{}']},
+             'item-columns': {'interactions.csv': ['user_id,item_id', 'a,b'], 'items.csv': ['asin,title']}}[case]
+    for name, lines in files.items():
+        write_lines(str(raw / name), lines)
+    build_fails(tmp_path, str(raw), match)
 
 
 def test_sample_users_keeps_a_seeded_share_of_users_whole(tmp_path):

@@ -58,7 +58,7 @@ def show_runs(runs, who, seed, k=10):
     """Text: one user's history and test target, then each run's top k side by side, the target's rank."""
     model, data, config, device = next(iter(runs.values()))
     user = find_user(data, who, seed)
-    titles = [''] + [dict(r['attributes']).get('name', '') for r in data.read_jsonl('items.jsonl')]
+    titles = [''] + [dict(r['attributes']).get('name') or r['raw'] for r in data.read_jsonl('items.jsonl')]
     pop, head = data.item_popularity(), data.head_items()
     history = data.sequences[data.offsets[user]:data.offsets[user + 1]]
     raw = data.read_jsonl('users.jsonl')[user]['raw']

@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 
@@ -14,7 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_smoke import ById, fails_cleanly, tiny, tiny_emb, tiny_lm, tiny_runs  # noqa: E402,F401  (fixtures)
+from test_smoke import (LAYOUTS, ById, fails_cleanly, own_layout, synthetic_log, tiny, tiny_emb,  # noqa: E402,F401
+                        tiny_lm, tiny_runs)
 
 
 def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
@@ -310,3 +312,39 @@ def test_ab_step_times_two_checkouts_on_the_same_batches(tiny, tiny_emb, tmp_pat
                   '--out', str(tmp_path / 'ab.json')])
     res = json.load(open(tmp_path / 'ab.json'))['ms']
     assert set(res) == {'base/ce', 'llmesr/ce'} and all(r['before_ms'] > 0 and r['now_ms'] > 0 for r in res.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# your own data, end to end: data.py -> embed.py --import -> train.py -> eval.py -> show.py
+
+
+@pytest.mark.parametrize('kind,time,items', LAYOUTS)
+def test_each_layout_trains_evaluates_and_shows(tmp_path, kind, time, items, capsys):
+    import data
+    import embed
+    import eval as evaluation
+    import show
+    import train
+    raw, flags = own_layout(str(tmp_path / 'raw'), kind, synthetic_log(), time, items)
+    proc, emb, run = (str(tmp_path / name) for name in ('proc', 'emb', 'run'))
+    data.main(['--raw', raw, '--out', proc, '--eval-negatives', '5', *flags])
+    d = data.load_processed(proc)
+    rng = np.random.default_rng(0)
+    tables = raw if kind == 'llmesr' else str(tmp_path / 'tables')
+    os.makedirs(tables, exist_ok=True)
+    for name, rows in (('items', d.n_items), ('users', d.n_users)):
+        table = rng.normal(size=(rows, 16)).astype(np.float32)      # the archive's: every item and user kept
+        if kind == 'llmesr':
+            with open(os.path.join(tables, {'items': 'itm_emb_np.pkl', 'users': 'usr_emb_np.pkl'}[name]), 'wb') as f:
+                pickle.dump(table, f)
+        else:
+            np.save(os.path.join(tables, f'{name}.npy'), table)
+    embed.main(['--data', proc, '--import', tables, '--out', emb])
+    train.main(['--data', proc, '--emb', emb, '--out', run, '--epochs', '1', '--max-len', '10', '--d', '16',
+                '--n-similar', '3', '--log-every', '1000', '--lm-scale', 'official'])
+    evaluation.main(['--run', run])
+    show.main(['--run', run, '--user', 'tail'])
+    out = capsys.readouterr().out
+    assert '| full | overall |' in out and 'test target: ' in out
+    assert json.load(open(os.path.join(run, 'results.json')))['test']['full']['overall']['users'] == d.n_users
+    assert ('Lipstick' in out) == items
