@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (DataError, at_least, batches_by_length, git_commit, guard_out, load_processed, lock,
@@ -114,19 +115,22 @@ def token_lengths(texts, tokenizer, max_length, chunk=10_000):
 
 @torch.inference_mode()
 def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding', out=None, start=0,
-                on_progress=None, every=20):
+                on_progress=None, every=20, shard=(0, 1)):
     """list of N strings -> (N, H) float32, in the order given.
 
     `out` may be a memory-mapped (N, H) array that is filled in place; batches before `start` are
     taken as already written there. on_progress(done) is called every `every` batches and at the
-    end, with the number of batches written, so an interrupted run can resume.
+    end, with the number of batches written, so an interrupted run can resume. shard (rank, ranks):
+    only the batches b with b % ranks == rank are embedded.
     """
     device = next(model.parameters()).device
     batches = batches_by_length(token_lengths(texts, tokenizer, max_length), batch_size)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if out is None else out
-    to_log = not sys.stderr.isatty()                          # tqdm draws no bar there: a line instead
+    to_log = not sys.stderr.isatty() and shard[0] == 0       # tqdm draws no bar there: a line instead
     for b in tqdm(range(start, len(batches)), desc=desc, unit='batch', file=sys.stderr, initial=start,
                   total=len(batches), disable=None):          # no bar when stderr is not a terminal
+        if b % shard[1] != shard[0]:
+            continue
         batch = batches[b]
         enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
                         return_tensors='pt').to(device)
@@ -482,18 +486,30 @@ def main(argv=None):
     if min(args.lr, args.temperature, args.temperature_lr) <= 0:
         p.error('--lr, --temperature and --temperature-lr take numbers above 0')
     try:
-        pick_device(args.device)
+        device = pick_device(args.device)
     except DataError as e:
         p.error(str(e))
     args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
-    or_exit(lock(args.out)(build), args)                          # build() holding --out's lock
+    if 'RANK' in os.environ:                                       # under torchrun
+        if args.finetune or args.import_from:
+            p.error('--finetune and --import run in one process: leave torchrun out')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    or_exit(lock(args.out)(build) if first else build, args)      # rank 0 holds --out's lock
 
 
 def build(args):
-    # before anything is read
-    held = guard_out(args.out, 'embeddings', {'--data': args.data, '--import': args.import_from})
+    """Embed (or import) into --out. Under torchrun every rank reads and checks alike, each embeds the
+    batches b with b % ranks == rank into the shared memory-mapped files, and rank 0 alone writes the
+    rest (the files are shared through one machine's page cache: one machine, many GPUs)."""
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if rank == 0:                                                  # before anything is read
+        held = guard_out(args.out, 'embeddings', {'--data': args.data, '--import': args.import_from})
+    else:
+        held = os.path.exists(os.path.join(args.out, 'manifest.json'))
     commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if device.type == 'cuda' and rank else device
     data = load_processed(args.data)
     item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
     user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]
@@ -529,21 +545,27 @@ def build(args):
     # Embeddings are written in place into memory-mapped files in <out>.partial, with the number of
     # finished batches in progress.json; a rerun with the same key resumes from there.
     progress_path = os.path.join(partial, 'progress.json')
-    progress = read_json(progress_path, 'progress', '') if os.path.exists(progress_path) else {}
     resume_key = {**key, 'batch_size': args.batch_size}           # which texts each batch holds
+    exists = ranks == 1 and os.path.exists(progress_path)         # under torchrun: never resumed
+    progress = read_json(progress_path, 'progress', '') if exists else {}
     resuming = progress.get('key') == resume_key and not args.overwrite
     if not resuming:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
         progress = {'key': resume_key, 'seconds': 0.0}
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
     if args.finetune:                                         # its time goes to finetune.json
         model = tuned_model(args, key['finetune'], data, tokenizer, model, partial, resuming, device)
     started, before = time.time(), progress['seconds']
     arrays = {}
     for name, texts in (('items', item_texts), ('users', user_texts)):
         file = os.path.join(partial, f'{name}.npy')
-        arrays[name] = (np.lib.format.open_memmap(file, mode='r+') if resuming and os.path.exists(file) else
-                        np.lib.format.open_memmap(file, mode='w+', dtype=np.float32, shape=(len(texts), dim)))
+        if rank == 0:                                              # resumed, or made now
+            mode = 'r+' if resuming and os.path.exists(file) else 'w+'
+            arrays[name] = np.lib.format.open_memmap(file, mode, np.float32, (len(texts), dim))
+        if ranks > 1:                                              # rank 0 made the file: every rank opens it
+            dist.barrier()
+            arrays[name] = np.lib.format.open_memmap(file, mode='r+')
 
         def save(done, name=name):
             arrays[name].flush()
@@ -552,11 +574,17 @@ def build(args):
         if progress.get(name):
             print(f'{name}: resuming {partial} after batch {progress[name]}')
         embed_texts(texts, tokenizer, model, args.max_length, args.batch_size, name, arrays[name],
-                    progress.get(name, 0), save)
+                    progress.get(name, 0), save if ranks == 1 else None, shard=(rank, ranks))
+        arrays[name].flush()
+    if ranks > 1:                                                  # every rank's rows are written
+        dist.barrier()
+        if rank:
+            return
     seconds = before + time.time() - started
     rate = (len(item_texts) + len(user_texts)) / seconds
     tuned = {'tuned_fingerprint': model_fingerprint(os.path.join(partial, 'lm'))} if args.finetune else {}
-    os.remove(progress_path)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
     publish(partial, args.out, f' in {seconds:.0f} s ({rate:.1f} texts/s on {device})', {
         **key, **tuned, 'lm_path': os.path.abspath(source) if os.path.isdir(source) else source,
         'seconds': seconds, 'device': str(device), 'texts_per_second': rate, 'commit': commit})

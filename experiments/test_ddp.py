@@ -62,3 +62,32 @@ def test_two_processes_resume_after_a_kill(tiny, tmp_path):
     assert not (out / 'results.json').exists()
     res = train(tiny, out, '--epochs', '200', '--patience', '200', '--resume', procs=2)
     assert res['epochs_run'] == 200 and 'resumed from' in open(out / 'train.log').read()
+
+
+def test_two_processes_embed_the_rows_of_one(tiny, tmp_path):
+    import numpy as np
+    from test_smoke import tiny_lm
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    tables = {}
+    for procs in (1, 2):
+        launch = ['torchrun', '--nproc_per_node', str(procs)] if procs > 1 else [sys.executable]
+        out = tmp_path / f'emb{procs}'
+        done = subprocess.run([*launch, os.path.join(ROOT, 'embed.py'), '--data', tiny.folder, '--lm', lm, '--out',
+                               str(out), '--batch-size', '4'], env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        tables[procs] = [np.load(out / f'{name}.npy') for name in ('items', 'users')]
+        assert json.load(open(out / 'manifest.json'))['items'] == tiny.n_items
+    for one, two in zip(tables[1], tables[2]):
+        assert (np.abs(one).sum(1) > 0).all() and np.allclose(one, two, atol=1e-6)
+    assert not os.path.exists(tmp_path / 'emb2.partial') and not os.path.exists(tmp_path / 'emb2.lock')
+
+
+def test_fine_tuning_and_import_refuse_torchrun(tiny, monkeypatch):
+    import embed
+    monkeypatch.setenv('RANK', '0')
+    for flags in (['--lm', 'x', '--finetune'], ['--import', tiny.folder]):
+        with pytest.raises(SystemExit) as e:
+            embed.main(['--data', tiny.folder, '--out', 'never', *flags])
+        assert e.value.code == 2
