@@ -422,7 +422,7 @@ def table(path):
     atomic files (tab-separated; typed names such as user_id:token, the type dropped), TSV, or CSV."""
     csv_file = re.search(r'\.csv(\.gz)?$', path)
     split = (lambda text: next(csv.reader([text]))) if csv_file else (lambda text: text.split('\t'))
-    names = next((split(text) for _, text in read_lines(path, BadLines(False, 1))), None)
+    names = next((split(text.lstrip('\ufeff')) for _, text in read_lines(path, BadLines(False, 1))), None)
     if not names:
         raise DataError(f'{path}: the file is empty; its first line should name the columns.')
     names = [name.split(':')[0].strip() for name in names]

@@ -295,6 +295,16 @@ def test_authors_tables_are_matched_by_original_id(tmp_path):
     assert not (tmp_path / 'emb2').exists()
 
 
+def test_a_spreadsheet_csv_with_a_byte_order_mark_and_crlf_reads(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    rows = ['\ufeffuser_id,item_id'] + [f'u{u},i{(u + t) % 8}' for u in range(12) for t in range(4)]
+    (raw / 'interactions.csv').write_bytes('\r\n'.join(rows).encode())
+    data.main(['--raw', str(raw), '--out', str(tmp_path / 'proc'), '--eval-negatives', '2', '--min-item', '1',
+               '--min-user', '3'])
+    assert data.load_processed(str(tmp_path / 'proc')).stats['interactions'] == 48
+
+
 def test_download_names_the_5core_or_every_review():
     assert data.download_urls('amazon2014-Beauty')[0].endswith('/categoryFiles/reviews_Beauty_5.json.gz')
     assert data.download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
