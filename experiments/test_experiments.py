@@ -15,8 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_smoke import (LAYOUTS, ById, fails_cleanly, own_layout, synthetic_log, tiny, tiny_emb,  # noqa: E402,F401
-                        tiny_lm, tiny_runs)
+from test_smoke import (LAYOUTS, ById, amazon2014, fails_cleanly, own_layout, synthetic_log, tiny,  # noqa: E402,F401
+                        tiny_emb, tiny_lm, tiny_runs)
 
 
 def test_bench_runs_its_sections_and_prints_a_table(tiny, tiny_emb, tmp_path, capsys):
@@ -348,3 +348,21 @@ def test_each_layout_trains_evaluates_and_shows(tmp_path, kind, time, items, cap
     assert '| full | overall |' in out and 'test target: ' in out
     assert json.load(open(os.path.join(run, 'results.json')))['test']['full']['overall']['users'] == d.n_users
     assert ('Lipstick' in out) == items
+
+
+def test_the_authors_filter_written_as_their_archive_reads_back_as_kcore_once(tmp_path):
+    import authors_archive
+    import data
+    rows = synthetic_log(n_users=60, n_items=40, seed=3)
+    raw = amazon2014(str(tmp_path / 'raw'), rows)
+    authors_archive.main(raw, str(tmp_path / 'handled'))
+    data.main(['--raw', str(tmp_path / 'handled'), '--out', str(tmp_path / 'archive'), '--eval-negatives', '3'])
+    data.main(['--raw', raw, '--out', str(tmp_path / 'once'), '--kcore', 'once', '--eval-negatives', '3'])
+    sequences = []
+    for name in ('archive', 'once'):
+        d = data.load_processed(str(tmp_path / name))
+        items = {r['id']: r['raw'] for r in d.read_jsonl('items.jsonl')}
+        users = d.read_jsonl('users.jsonl')
+        sequences.append({users[u]['raw']: [items[i] for i in d.sequences[d.offsets[u]:d.offsets[u + 1]]]
+                          for u in range(d.n_users)})
+    assert sequences[0] == sequences[1] and len(sequences[0]) > 10
