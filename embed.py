@@ -17,7 +17,6 @@ match its data.
 import argparse
 import importlib.util
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -334,74 +333,6 @@ def model_fingerprint(path):
     return sha256_json([(os.path.basename(f), os.path.getsize(f), sha256_file(f)) for f in files])
 
 
-# ---------------------------------------------------------------------------------------------
-# tables made elsewhere: the authors' text-embedding-ada-002 files, or any pair of .npy files
-
-PICKLED_ARRAY = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')} | {
-    (f'numpy.{core}.{m}', name) for core in ('core', '_core')          # numpy 1 and numpy 2 names
-    for m, name in [('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')]}
-
-
-class ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays and built-in containers, nothing else: a pickle that names any other
-    callable (os.system, ...) is refused before anything in it runs."""
-
-    def find_class(self, module, name):
-        if (module, name) not in PICKLED_ARRAY:
-            raise pickle.UnpicklingError(f'it names {module}.{name}, which is not part of a numpy array')
-        return super().find_class(module, name)
-
-
-def read_table(path):
-    """(rows, dims) float32 from a .npy file or a pickled numpy array, read without running any code."""
-    try:
-        with open(path, 'rb') as f:                                # np.load refuses pickles by default
-            table = np.load(f) if path.endswith('.npy') else ArraysOnly(f).load()
-        table = np.asarray(table, dtype=np.float32)
-    except Exception as e:                                         # whatever the bytes make the loader raise
-        raise DataError(f'{path}: refused ({e}). Only a numpy array is read from it; nothing in it ran.') \
-            from None
-    if table.ndim != 2 or not np.isfinite(table).all():
-        raise DataError(f'{path}: {"NaN or infinite values" if table.ndim == 2 else f"shape {table.shape}"}; '
-                        'a table holds one finite row per item or user.')
-    return table
-
-
-def table_files(folder):
-    """The tables to import: the authors' itm_emb_np.pkl and usr_emb_np.pkl, or items.npy and users.npy."""
-    for pair in (('itm_emb_np.pkl', 'usr_emb_np.pkl'), ('items.npy', 'users.npy')):
-        paths = [os.path.join(folder, name) for name in pair]
-        if all(map(os.path.exists, paths)):
-            return paths
-    raise DataError(f'--import {folder}: found neither itm_emb_np.pkl and usr_emb_np.pkl (the authors\' '
-                    'archive) nor items.npy and users.npy (rows ordered as items.jsonl and users.jsonl).')
-
-
-def archive_rows(folder, data, items, users):
-    """The authors' tables in this data's order: their item row k is item k + 1 of id_map.json, their
-    user row k the k-th user of inter.txt; each is matched to this data by its original id."""
-    path, inter = os.path.join(folder, 'id_map.json'), os.path.join(folder, 'inter.txt')
-    maps = read_json(path, 'id map', 'Take it from the same archive.') if os.path.exists(path) else {}
-    if not os.path.exists(inter):
-        raise DataError(f'{inter} is missing: the rows of usr_emb_np.pkl follow its users; put it there.')
-    with open(inter) as f:
-        archive_users = list(dict.fromkeys(line.split()[0] for line in f if line.strip()))
-    archive_items = [str(k) for k in range(1, len(items) + 1)]
-    tables = []
-    for name, table, ids, to_raw in (('items', items, archive_items, maps.get('id2item', {})),
-                                     ('users', users, archive_users, maps.get('id2user', {}))):
-        raw = [to_raw.get(i, i) for i in ids]
-        index = {r: k for k, r in enumerate(raw)}
-        ours = [r['raw'] for r in data.read_jsonl(f'{name}.jsonl')]
-        lost = [r for r in ours if r not in index]
-        if len(raw) != len(table) or lost:
-            why = (f'{len(lost)} of the data\'s {name} ({lost[0]}, ...) have no row' if lost else
-                   f'{len(table)} rows stand for {len(raw)} {name}')
-            raise DataError(f'--import {folder}: {why}. Were the tables made for {data.folder}\'s dataset?')
-        tables.append(table[[index[r] for r in ours]])
-    return tables
-
-
 def load_embeddings(folder, data):
     """(items (n_items, d_llm), users (U, d_llm)) float32 from an embedding folder made for `data`."""
     rebuild = f'Rebuild it: `python embed.py --data {data.folder} --lm <model> --out {folder} --overwrite`.'
@@ -447,10 +378,7 @@ def load_inputs(config, run=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', required=True, help='processed folder written by data.py')
-    p.add_argument('--lm', help='hub name, local model folder, or installed model package')
-    p.add_argument('--import', dest='import_from', metavar='FOLDER',
-                   help="take the tables in FOLDER instead: the authors' itm_emb_np.pkl and usr_emb_np.pkl "
-                        '(with inter.txt and id_map.json), or items.npy and users.npy in this data\'s order')
+    p.add_argument('--lm', required=True, help='hub name, local model folder, or installed model package')
     p.add_argument('--out', required=True, help='embedding folder to write (reused when nothing changed)')
     p.add_argument('--max-length', type=int, default=256, help='tokens per text; longer texts are cut')
     p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
@@ -475,9 +403,6 @@ def main(argv=None):
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
     f.add_argument('--lora-dropout', type=float, default=0.05, help='dropout on the LoRA input')
     args = p.parse_args(argv)
-    if bool(args.lm) == bool(args.import_from) or (args.import_from and args.finetune):
-        p.error('give --lm MODEL to embed the prompts, or --import FOLDER to take tables made elsewhere '
-                '(one of them; --finetune goes with --lm)')
     at_least(p, args, 2, 'max_length', 'views', 'ft_batch_size')
     at_least(p, args, 1, 'batch_size', 'steps', 'lora_r')
     at_least(p, args, 0, 'heldout', 'train_layers')
@@ -491,20 +416,20 @@ def main(argv=None):
         p.error(str(e))
     args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
     if 'RANK' in os.environ:                                       # under torchrun
-        if args.finetune or args.import_from:
-            p.error('--finetune and --import run in one process: leave torchrun out')
+        if args.finetune:
+            p.error('--finetune runs in one process: leave torchrun out')
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     first = not dist.is_initialized() or dist.get_rank() == 0
     or_exit(lock(args.out)(build) if first else build, args)      # rank 0 holds --out's lock
 
 
 def build(args):
-    """Embed (or import) into --out. Under torchrun every rank reads and checks alike, each embeds the
+    """Embed the prompts into --out. Under torchrun every rank reads and checks alike, each embeds the
     batches b with b % ranks == rank into the shared memory-mapped files, and rank 0 alone writes the
     rest (the files are shared through one machine's page cache: one machine, many GPUs)."""
     rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:                                                  # before anything is read
-        held = guard_out(args.out, 'embeddings', {'--data': args.data, '--import': args.import_from})
+        held = guard_out(args.out, 'embeddings', {'--data': args.data})
     else:
         held = os.path.exists(os.path.join(args.out, 'manifest.json'))
     commit = git_commit()                                          # the code this build starts from
@@ -513,32 +438,17 @@ def build(args):
     data = load_processed(args.data)
     item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
     user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]
-    if args.import_from:                                           # what they are: the files they came from
-        source = table_files(args.import_from)
-        made = {'lm': 'imported from ' + ' and '.join(map(os.path.abspath, source)), 'max_length': None,
-                'pooling': 'as made there', 'model_fingerprint': sha256_json(list(map(sha256_file, source)))}
-    else:
-        source = resolve_lm(args.lm)
-        made = {'lm': args.lm, 'model_fingerprint': model_fingerprint(source), 'pooling': 'mean',
-                'max_length': args.max_length}
-    key = {'embed_version': EMBED_VERSION, **made, 'data_fingerprint': data.fingerprint,
-           'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
+    source = resolve_lm(args.lm)
+    key = {'embed_version': EMBED_VERSION, 'lm': args.lm, 'model_fingerprint': model_fingerprint(source),
+           'pooling': 'mean', 'max_length': args.max_length, **prompts_key(data)}
     if args.finetune:                                              # a different tuning is a different cache
         key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
                                                           'warmup', 'temperature', 'temperature_lr', 'seed',
                                                           'heldout', 'train_layers', 'lora', 'lora_r',
                                                           'lora_alpha', 'lora_dropout')}
     if held and not args.overwrite:
-        old = read_json(os.path.join(args.out, 'manifest.json'), 'embedding manifest',
-                        'Replace the folder with --overwrite, or give a new folder as --out.')
-        if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
-            raise DataError(f'--out {args.out} holds embeddings made with another model, data or settings; '
-                            'replace them with --overwrite, or give a new folder as --out.')
-        print(f'{args.out} is up to date')
-        return
+        return reuse(args.out, key)
     partial = f'{args.out.rstrip("/")}.partial'
-    if args.import_from:
-        return publish(partial, args.out, imported(source, data, partial), {**key, 'commit': commit})
     # bf16 weights on CUDA (a 7B decoder: 14 GB, not 28); float32 on the CPU
     tokenizer, model = load_lm(args.lm, device, torch.bfloat16 if device.type == 'cuda' else None)
     dim = model.config.hidden_size
@@ -590,21 +500,21 @@ def build(args):
         'seconds': seconds, 'device': str(device), 'texts_per_second': rate, 'commit': commit})
 
 
-def imported(files, data, partial):
-    """Write the tables in `files` into `partial` as items.npy and users.npy, in the processed data's
-    order; -> what the manifest says of them."""
-    items, users = (read_table(f) for f in files)
-    if files[0].endswith('.pkl'):
-        items, users = archive_rows(os.path.dirname(files[0]), data, items, users)
-    for path, table, rows in ((files[0], items, data.n_items), (files[1], users, data.n_users)):
-        if table.shape[0] != rows or table.shape[1] != items.shape[1]:
-            raise DataError(f'{path}: shape {table.shape}; the data has {rows} of these, and both tables '
-                            'need the same width. Rows follow items.jsonl and users.jsonl of --data.')
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    for name, table in (('items', items), ('users', users)):
-        np.save(os.path.join(partial, f'{name}.npy'), table)
-    return ' (imported)'
+def prompts_key(data):
+    """What an embedding folder was made from: the processed data and the hash of its prompts."""
+    return {'data_fingerprint': data.fingerprint,
+            **{f'{k[:-1]}_prompts_sha256': sha256_json([r['prompt'] for r in data.read_jsonl(f'{k}.jsonl')])
+               for k in ('items', 'users')}}
+
+
+def reuse(out, key):
+    """An embedding folder made with `key` is reused; one made otherwise is refused."""
+    old = read_json(os.path.join(out, 'manifest.json'), 'embedding manifest',
+                    'Replace the folder with --overwrite, or give a new folder as --out.')
+    if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
+        raise DataError(f'--out {out} holds embeddings made with another model, data or settings; '
+                        'replace them with --overwrite, or give a new folder as --out.')
+    print(f'{out} is up to date')
 
 
 def publish(partial, out, note, manifest):

@@ -8,7 +8,6 @@ import gzip
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -262,39 +261,6 @@ def test_own_layouts_give_the_same_sequences_and_prompts(tmp_path, kind, time, i
         assert 'holds only its id' in capsys.readouterr().err
 
 
-def test_authors_tables_are_matched_by_original_id(tmp_path):
-    rows = synthetic_log()
-    raw, _ = own_layout(str(tmp_path / 'raw'), 'llmesr', rows)
-    data.main(['--raw', raw, '--out', str(tmp_path / 'proc'), '--eval-negatives', '5'])
-    d = data.load_processed(str(tmp_path / 'proc'))
-    maps = json.load(open(f'{raw}/id_map.json'))
-    archive_users = list(dict.fromkeys(line.split()[0] for line in open(f'{raw}/inter.txt')))
-    # the authors' rows: item row k is item id k + 1; user row k the k-th user of inter.txt
-    n_items = len(maps['id2item'])
-    items = np.tile(np.arange(1, n_items + 1, dtype=np.float32)[:, None], (1, 4))
-    users = np.tile(np.array([float(u) for u in archive_users], dtype=np.float32)[:, None], (1, 4))
-    for name, table in (('itm_emb_np.pkl', items), ('usr_emb_np.pkl', users)):
-        with open(f'{raw}/{name}', 'wb') as f:
-            pickle.dump(table, f)
-    embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb')])
-    got_items, got_users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), d)
-    assert [int(v) for v in got_items[:, 0]] == [int(maps['item2id'][r['raw']]) for r in d.read_jsonl('items.jsonl')]
-    assert [int(v) for v in got_users[:, 0]] == [int(maps['user2id'][r['raw']]) for r in d.read_jsonl('users.jsonl')]
-    assert manifest['lm'].startswith('imported from') and manifest['pooling'] == 'as made there'
-    # an item table a row short; a user table a row short of inter.txt's users: both refused
-    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
-        pickle.dump(items[:-1], f)
-    with pytest.raises(SystemExit, match=r"1 of the data's items \(\w+, ...\) have no row. Were the tables made"):
-        embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb2')])
-    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
-        pickle.dump(items, f)
-    with open(f'{raw}/inter.txt', 'a') as f:
-        f.write('999 1\n')
-    with pytest.raises(SystemExit, match='40 rows stand for 41 users'):
-        embed.main(['--data', d.folder, '--import', raw, '--out', str(tmp_path / 'emb2')])
-    assert not (tmp_path / 'emb2').exists()
-
-
 def test_a_spreadsheet_csv_with_a_byte_order_mark_and_crlf_reads(tmp_path):
     raw = tmp_path / 'raw'
     raw.mkdir()
@@ -310,33 +276,6 @@ def test_download_names_the_5core_or_every_review():
     assert data.download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
     assert data.download_urls('amazon2018-AMAZON_FASHION-full')[0].endswith('/categoryFiles/AMAZON_FASHION.json.gz')
     assert data.download_urls('amazon2018-All_Beauty')[0].endswith('/categoryFilesSmall/All_Beauty_5.json.gz')
-
-
-class RunsCode:
-    """A pickle of this makes the unpickler call os.mkdir: code run by merely loading the file."""
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.mkdir, (self.path,)
-
-
-def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, tiny):
-    marker, tables = tmp_path / 'ran', tmp_path / 'tables'
-    tables.mkdir()
-    for name, obj in (('itm_emb_np.pkl', RunsCode(str(marker))), ('usr_emb_np.pkl', np.zeros((2, 2)))):
-        with open(tables / name, 'wb') as f:
-            pickle.dump(obj, f)
-    with pytest.raises(SystemExit, match=r'itm_emb_np.pkl: refused \(it names posix.mkdir.*nothing in it ran'):
-        embed.main(['--data', tiny.folder, '--import', str(tables), '--out', str(tmp_path / 'emb')])
-    assert not marker.exists() and not (tmp_path / 'emb').exists()
-    # a pair of .npy files in the data's order; a row count that does not match is refused
-    np.save(tables / 'items.npy', np.ones((tiny.n_items, 3)))
-    np.save(tables / 'users.npy', np.ones((tiny.n_users + 1, 3)))
-    for f in ('itm_emb_np.pkl', 'usr_emb_np.pkl'):
-        os.remove(tables / f)
-    with pytest.raises(SystemExit, match=rf'users.npy: shape \({tiny.n_users + 1}, 3\); the data has {tiny.n_users}'):
-        embed.main(['--data', tiny.folder, '--import', str(tables), '--out', str(tmp_path / 'emb')])
 
 
 @pytest.mark.parametrize('case,match', [

@@ -1,8 +1,8 @@
-"""Write an Amazon 2014 folder as the authors' LLM-ESR archive, to check data.py and embed.py --import.
+"""Write an Amazon 2014 folder as the authors' LLM-ESR archive, to check data.py and import_tables.py.
 
     python experiments/authors_archive.py ../shared/data/amazon-beauty-2014 /tmp/handled
     python data.py --raw /tmp/handled --out /tmp/paper-proc
-    python embed.py --data /tmp/paper-proc --import /tmp/handled --out /tmp/paper-emb
+    python experiments/import_tables.py --data /tmp/paper-proc --tables /tmp/handled --out /tmp/paper-emb
 
 The steps of the official data/data_process.py and its notebooks, rewritten: every review (a rating
 filter of 0 keeps them all), one pass of at least 5 per user and per item (filter_common), each

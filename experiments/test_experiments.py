@@ -315,14 +315,15 @@ def test_ab_step_times_two_checkouts_on_the_same_batches(tiny, tiny_emb, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# your own data, end to end: data.py -> embed.py --import -> train.py -> eval.py -> show.py
+# your own data, end to end: data.py -> import_tables.py -> train.py -> eval.py -> show.py
+# and the authors' tables, read without running code
 
 
 @pytest.mark.parametrize('kind,time,items', LAYOUTS)
 def test_each_layout_trains_evaluates_and_shows(tmp_path, kind, time, items, capsys):
     import data
-    import embed
     import eval as evaluation
+    import import_tables
     import show
     import train
     raw, flags = own_layout(str(tmp_path / 'raw'), kind, synthetic_log(), time, items)
@@ -339,7 +340,7 @@ def test_each_layout_trains_evaluates_and_shows(tmp_path, kind, time, items, cap
                 pickle.dump(table, f)
         else:
             np.save(os.path.join(tables, f'{name}.npy'), table)
-    embed.main(['--data', proc, '--import', tables, '--out', emb])
+    import_tables.main(['--data', proc, '--tables', tables, '--out', emb])
     train.main(['--data', proc, '--emb', emb, '--out', run, '--epochs', '1', '--max-len', '10', '--d', '16',
                 '--n-similar', '3', '--log-every', '1000', '--lm-scale', 'official'])
     evaluation.main(['--run', run])
@@ -366,3 +367,67 @@ def test_the_authors_filter_written_as_their_archive_reads_back_as_kcore_once(tm
         sequences.append({users[u]['raw']: [items[i] for i in d.sequences[d.offsets[u]:d.offsets[u + 1]]]
                           for u in range(d.n_users)})
     assert sequences[0] == sequences[1] and len(sequences[0]) > 10
+
+
+def test_authors_tables_are_matched_by_original_id(tmp_path):
+    import data
+    import embed
+    import import_tables
+    rows = synthetic_log()
+    raw, _ = own_layout(str(tmp_path / 'raw'), 'llmesr', rows)
+    data.main(['--raw', raw, '--out', str(tmp_path / 'proc'), '--eval-negatives', '5'])
+    d = data.load_processed(str(tmp_path / 'proc'))
+    maps = json.load(open(f'{raw}/id_map.json'))
+    archive_users = list(dict.fromkeys(line.split()[0] for line in open(f'{raw}/inter.txt')))
+    # the authors' rows: item row k is item id k + 1; user row k the k-th user of inter.txt
+    n_items = len(maps['id2item'])
+    items = np.tile(np.arange(1, n_items + 1, dtype=np.float32)[:, None], (1, 4))
+    users = np.tile(np.array([float(u) for u in archive_users], dtype=np.float32)[:, None], (1, 4))
+    for name, table in (('itm_emb_np.pkl', items), ('usr_emb_np.pkl', users)):
+        with open(f'{raw}/{name}', 'wb') as f:
+            pickle.dump(table, f)
+    import_tables.main(['--data', d.folder, '--tables', raw, '--out', str(tmp_path / 'emb')])
+    got_items, got_users, manifest = embed.load_embeddings(str(tmp_path / 'emb'), d)
+    assert [int(v) for v in got_items[:, 0]] == [int(maps['item2id'][r['raw']]) for r in d.read_jsonl('items.jsonl')]
+    assert [int(v) for v in got_users[:, 0]] == [int(maps['user2id'][r['raw']]) for r in d.read_jsonl('users.jsonl')]
+    assert manifest['lm'].startswith('imported from') and manifest['pooling'] == 'as made there'
+    # an item table a row short; a user table a row short of inter.txt's users: both refused
+    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
+        pickle.dump(items[:-1], f)
+    with pytest.raises(SystemExit, match=r"1 of the data's items \(\w+, ...\) have no row. Were the tables made"):
+        import_tables.main(['--data', d.folder, '--tables', raw, '--out', str(tmp_path / 'emb2')])
+    with open(f'{raw}/itm_emb_np.pkl', 'wb') as f:
+        pickle.dump(items, f)
+    with open(f'{raw}/inter.txt', 'a') as f:
+        f.write('999 1\n')
+    with pytest.raises(SystemExit, match='40 rows stand for 41 users'):
+        import_tables.main(['--data', d.folder, '--tables', raw, '--out', str(tmp_path / 'emb2')])
+    assert not (tmp_path / 'emb2').exists()
+
+
+class RunsCode:
+    """A pickle of this makes the unpickler call os.mkdir: code run by merely loading the file."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, tiny):
+    import import_tables
+    marker, tables = tmp_path / 'ran', tmp_path / 'tables'
+    tables.mkdir()
+    for name, obj in (('itm_emb_np.pkl', RunsCode(str(marker))), ('usr_emb_np.pkl', np.zeros((2, 2)))):
+        with open(tables / name, 'wb') as f:
+            pickle.dump(obj, f)
+    with pytest.raises(SystemExit, match=r'itm_emb_np.pkl: refused \(it names posix.mkdir.*nothing in it ran'):
+        import_tables.main(['--data', tiny.folder, '--tables', str(tables), '--out', str(tmp_path / 'emb')])
+    assert not marker.exists() and not (tmp_path / 'emb').exists()
+    # a pair of .npy files in the data's order; a row count that does not match is refused
+    np.save(tables / 'items.npy', np.ones((tiny.n_items, 3)))
+    np.save(tables / 'users.npy', np.ones((tiny.n_users + 1, 3)))
+    for f in ('itm_emb_np.pkl', 'usr_emb_np.pkl'):
+        os.remove(tables / f)
+    with pytest.raises(SystemExit, match=rf'users.npy: shape \({tiny.n_users + 1}, 3\); the data has {tiny.n_users}'):
+        import_tables.main(['--data', tiny.folder, '--tables', str(tables), '--out', str(tmp_path / 'emb')])

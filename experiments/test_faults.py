@@ -23,6 +23,7 @@ import compare  # noqa: E402
 import data  # noqa: E402
 import embed  # noqa: E402
 import eval as evaluation  # noqa: E402
+import import_tables  # noqa: E402
 import train  # noqa: E402
 from test_smoke import amazon2014, synthetic_log, tiny, tiny_emb, tiny_lm, tree_hashes  # noqa: E402,F401
 
@@ -116,12 +117,12 @@ CASES = [
     ('embed', E + ['--out', '{data}'], 1, r'writing there would overwrite the input'),
     ('embed', E + ['--out', '{run}'], 1, r'holds files that are not embeddings'),
     ('embed', E + ['--out', '{file}'], 1, r'is a file, not a folder'),
-    ('embed', E + ['--import', '{emb}'], USAGE, r'give --lm MODEL .*, or --import FOLDER'),
-    ('embed', ['--data', '{data}', '--out', '{new}'], USAGE, r'give --lm MODEL'),
-    ('embed', ['--data', '{data}', '--import', '{raw}', '--out', '{new}'], 1, r'found neither itm_emb_np.pkl'),
-    ('embed', ['--data', '{data}', '--import', '{root}/nothing', '--out', '{new}'], 1, r'found neither'),
-    ('embed', ['--data', '{data}', '--import', '{emb}', '--out', '{emb}'], 1, r'would overwrite the input'),
-    ('embed', ['--data', '{data}', '--import', '{emb}', '--out', '{new}', '--finetune'], USAGE, r'--finetune goes'),
+    ('import', ['--data', '{data}', '--out', '{new}'], USAGE, r'the following arguments are required: --tables'),
+    ('import', ['--data', '{data}', '--tables', '{raw}', '--out', '{new}'], 1, r'found neither itm_emb_np.pkl'),
+    ('import', ['--data', '{data}', '--tables', '{root}/nothing', '--out', '{new}'], 1, r'found neither'),
+    ('import', ['--data', '{data}', '--tables', '{emb}', '--out', '{emb}'], 1, r'would overwrite the input'),
+    ('import', ['--data', '{emb}', '--tables', '{emb}', '--out', '{new}'], 1, r'holds embeddings'),
+    ('import', ['--data', '{data}', '--tables', '{emb}', '--out', '{run}'], 1, r'holds files that are not embeddings'),
     # data.py
     ('data', ['--raw', '{raw}'], USAGE, r'give --out, the processed folder to write'),
     ('data', D + ['--min-user', '0'], USAGE, r'--min-user 0: give a number of at least 1'),
@@ -154,7 +155,7 @@ CASES = [
     ('compare', ['--plot', '{new}.png'], USAGE, r'--plot takes a PNG file and at least one run folder'),
 ]
 MAINS = {'train': train.main, 'embed': embed.main, 'data': data.main, 'eval': evaluation.main,
-         'compare': compare.main}
+         'compare': compare.main, 'import': import_tables.main}
 
 
 def litter(root):
