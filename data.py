@@ -34,8 +34,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -493,7 +491,7 @@ def detect_layout(raw, columns=None):
     """Find the interaction and item files in `raw` and say which layout they come in."""
     if not os.path.isdir(raw):
         raise DataError(f'--raw {raw}: no such folder. Put the original files there, or fetch them with '
-                        f'`python data.py --download amazon2014-Beauty --raw {raw}`.')
+                        f'`python experiments/download.py amazon2014-Beauty {raw}`.')
     files = sorted(os.listdir(raw))
     at = functools.partial(os.path.join, raw)
     if {'inter.txt', 'id_map.json', 'item2attributes.json'} & set(files):
@@ -839,58 +837,12 @@ def load_processed(folder):
 
 
 # ---------------------------------------------------------------------------------------------
-# download
-
-AMAZON2014 = 'http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/{}'
-AMAZON2018 = 'https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/{}/{}'
-
-
-def download_urls(name):
-    """The original files of a dataset name such as amazon2014-Beauty or amazon2018-All_Beauty (their
-    5-core review files; with -full, such as amazon2014-Beauty-full, every review, as the papers')."""
-    release, _, category = name.partition('-')
-    core = '' if category.endswith('-full') else '_5'
-    category = category.removesuffix('-full')
-    if release == 'amazon2014' and category:
-        return [AMAZON2014.format(f'reviews_{category}{core}.json.gz'),
-                AMAZON2014.format(f'meta_{category}.json.gz')]
-    if release == 'amazon2018' and category:
-        return [AMAZON2018.format('categoryFiles' + ('Small' if core else ''), f'{category}{core}.json.gz'),
-                AMAZON2018.format('metaFiles2', f'meta_{category}.json.gz')]
-    if release == 'yelp':
-        raise DataError('the Yelp Open Dataset needs its terms accepted in a browser: download it from '
-                        'https://www.yelp.com/dataset and put yelp_academic_dataset_review.json and '
-                        'yelp_academic_dataset_business.json in --raw.')
-    raise DataError(f'--download {name}: unknown name; use amazon2014-<Category> (e.g. amazon2014-Beauty), '
-                    'amazon2018-<Category> (e.g. amazon2018-All_Beauty) or yelp.')
-
-
-def download(name, raw):
-    os.makedirs(raw, exist_ok=True)
-    for url in download_urls(name):
-        path = os.path.join(raw, url.rsplit('/', 1)[1])
-        if os.path.exists(path):
-            print(f'{path} is already here')
-            continue
-        print(f'downloading {url}')
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(path + '.part', 'wb') as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-        except (urllib.error.URLError, OSError) as e:
-            raise DataError(f'cannot download {url} ({e}). Offline? Fetch the file by hand on a machine with '
-                            f'internet and put it at {path}.') from e
-        os.replace(path + '.part', path)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--raw', required=True, help='folder with the original release files')
-    p.add_argument('--out', help='processed folder to write (reused when inputs and config are unchanged)')
-    p.add_argument('--download', metavar='NAME', help='first fetch the original files into --raw: '
-                   'amazon2014-<Category>, amazon2018-<Category> (5-core; add -full for all reviews) or yelp')
+    p.add_argument('--out', required=True, help='processed folder to write (reused when unchanged)')
     p.add_argument('--min-user', type=int, default=5, help='k-core: least interactions per user')
     p.add_argument('--min-item', type=int, default=5, help='k-core: least interactions per item')
     p.add_argument('--kcore', default='iterative', choices=['iterative', 'once'],
@@ -909,20 +861,14 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true',
                    help='replace a processed --out made from other inputs or settings (or rebuild it)')
     args = p.parse_args(argv)
-    if not (args.out or args.download):
-        p.error('give --out, the processed folder to write (and --download NAME to fetch the files first)')
     if args.columns and not (2 <= len(args.columns) <= 3 and all(args.columns)):
         p.error(f'--columns {",".join(args.columns)}: give USER,ITEM or USER,ITEM,TIME, names in the header')
     at_least(p, args, 1, 'min_user', 'min_item', 'max_value_chars', 'user_text_chars', 'eval_negatives')
     if not (0 < args.sample_users <= 1 and 0 <= args.max_bad <= 1):
         p.error('--sample-users takes a share of users in (0, 1], --max-bad a share in [0, 1]')
-    args.out = args.out and os.path.realpath(args.out)             # a link or a trailing slash: the folder
-    # --out is checked before anything is fetched or read
-    held = args.out and or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})
-    if args.download:
-        or_exit(download, args.download, args.raw)
-    if args.out:
-        or_exit(lock(args.out)(build), args, held)               # build() holding --out's lock
+    args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
+    held = or_exit(guard_out, args.out, 'processed data', {'--raw': args.raw})   # before anything is read
+    or_exit(lock(args.out)(build), args, held)                    # build() holding --out's lock
 
 
 def build(args, held):
@@ -934,7 +880,7 @@ def build(args, held):
     missing = [path for path in (layout.reviews, layout.meta) if path and not os.path.exists(path)]
     if missing:
         raise DataError(f'{missing[0]}: file is missing. Put the original file there, or fetch it with '
-                        f'`python data.py --download <NAME> --raw {args.raw}` (NAME like amazon2014-Beauty).')
+                        f'`python experiments/download.py <NAME> {args.raw}` (NAME like amazon2014-Beauty).')
     config = {k: getattr(args, k) for k in ['min_user', 'min_item', 'kcore', 'sample_users',
                                             'max_value_chars', 'user_text_chars', 'eval_negatives', 'seed']}
     config.update({'columns': args.columns} if args.columns else {})

@@ -271,13 +271,6 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark_and_crlf_reads(tmp_path):
     assert data.load_processed(str(tmp_path / 'proc')).stats['interactions'] == 48
 
 
-def test_download_names_the_5core_or_every_review():
-    assert data.download_urls('amazon2014-Beauty')[0].endswith('/categoryFiles/reviews_Beauty_5.json.gz')
-    assert data.download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
-    assert data.download_urls('amazon2018-AMAZON_FASHION-full')[0].endswith('/categoryFiles/AMAZON_FASHION.json.gz')
-    assert data.download_urls('amazon2018-All_Beauty')[0].endswith('/categoryFilesSmall/All_Beauty_5.json.gz')
-
-
 @pytest.mark.parametrize('case,match', [
     ('columns', r'interactions.csv: the header \(user, item\) has no column user_id. Name .* --columns'),
     ('time', r'interactions.tsv: 3 of 4 lines are malformed'),
@@ -877,9 +870,9 @@ def test_bad_lines_are_reported_counted_and_bounded(tmp_path, capsys):
 def test_missing_files_name_the_path_and_the_command(tmp_path):
     raw = amazon2014(str(tmp_path / 'raw'), synthetic_log())
     os.remove(f'{raw}/meta_Beauty.json.gz')
-    with pytest.raises(SystemExit, match=r'meta_Beauty.json.gz: file is missing.*--download'):
+    with pytest.raises(SystemExit, match=r'meta_Beauty.json.gz: file is missing.*download.py'):
         data.main(['--raw', raw, '--out', str(tmp_path / 'p')])
-    with pytest.raises(SystemExit, match=r'no such folder.*--download'):
+    with pytest.raises(SystemExit, match=r'no such folder.*download.py'):
         data.main(['--raw', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'p')])
 
 

@@ -431,3 +431,11 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, tiny
         os.remove(tables / f)
     with pytest.raises(SystemExit, match=rf'users.npy: shape \({tiny.n_users + 1}, 3\); the data has {tiny.n_users}'):
         import_tables.main(['--data', tiny.folder, '--tables', str(tables), '--out', str(tmp_path / 'emb')])
+
+
+def test_download_names_the_5core_or_every_review():
+    from download import download_urls
+    assert download_urls('amazon2014-Beauty')[0].endswith('/categoryFiles/reviews_Beauty_5.json.gz')
+    assert download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
+    assert download_urls('amazon2018-AMAZON_FASHION-full')[0].endswith('/categoryFiles/AMAZON_FASHION.json.gz')
+    assert download_urls('amazon2018-All_Beauty')[0].endswith('/categoryFilesSmall/All_Beauty_5.json.gz')

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 import data  # noqa: E402
 import embed  # noqa: E402
+import download  # noqa: E402
 import eval as evaluation  # noqa: E402
 import import_tables  # noqa: E402
 import train  # noqa: E402
@@ -124,7 +125,7 @@ CASES = [
     ('import', ['--data', '{emb}', '--tables', '{emb}', '--out', '{new}'], 1, r'holds embeddings'),
     ('import', ['--data', '{data}', '--tables', '{emb}', '--out', '{run}'], 1, r'holds files that are not embeddings'),
     # data.py
-    ('data', ['--raw', '{raw}'], USAGE, r'give --out, the processed folder to write'),
+    ('data', ['--raw', '{raw}'], USAGE, r'the following arguments are required: --out'),
     ('data', D + ['--min-user', '0'], USAGE, r'--min-user 0: give a number of at least 1'),
     ('data', D + ['--min-item', '-2'], USAGE, r'--min-item -2'),
     ('data', D + ['--eval-negatives', '0'], USAGE, r'--eval-negatives 0'),
@@ -136,7 +137,7 @@ CASES = [
     ('data', D + ['--columns', 'a,b,c,d'], USAGE, r'--columns a,b,c,d'),
     ('data', D + ['--columns', 'a,,c'], USAGE, r'--columns a,,c'),
     ('data', D + ['--raw', '{root}/nothing'], 1, r'--raw .*nothing: no such folder'),
-    ('data', D + ['--download', 'bogus'], 1, r'--download bogus: unknown name'),
+    ('download', ['bogus', '{new}'], 1, r'bogus: unknown name'),
     ('data', D + ['--out', '{raw}'], 1, r'is --raw .*: writing there would overwrite the input'),
     ('data', D + ['--out', '{run}'], 1, r'holds files that are not processed data'),
     ('data', D + ['--out', '{emb}'], 1, r'holds files that are not processed data'),
@@ -155,7 +156,8 @@ CASES = [
     ('compare', ['--plot', '{new}.png'], USAGE, r'--plot takes a PNG file and at least one run folder'),
 ]
 MAINS = {'train': train.main, 'embed': embed.main, 'data': data.main, 'eval': evaluation.main,
-         'compare': compare.main, 'import': import_tables.main}
+         'compare': compare.main, 'import': import_tables.main,
+         'download': lambda argv: data.or_exit(download.download, *argv)}
 
 
 def litter(root):
