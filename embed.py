@@ -225,42 +225,20 @@ def train_last_layers(model, n):
         p.requires_grad = id(p) in tuned or (id(p) not in in_blocks and id(p) not in embeddings)
 
 
-def view_retrieval(model, tokenizer, items, max_length, batch_size, seed):
-    """Held-out items -> accuracy@1 and @10: does one attribute-dropped view of an item find the
-    other view of the same item among the second views of all held-out items (cosine)?"""
-    rng = np.random.default_rng(seed)
-    # r fixed at the paper's 0.2, not --drop, so that tunings with different drop rates are measured alike
-    first, second = zip(*(attribute_views(subject, attrs, 2, 0.2, rng) for subject, attrs in items))
-    embedded = (embed_texts(list(v), tokenizer, model, max_length, batch_size, 'views')
-                for v in (first, second))
-    a, b = (F.normalize(torch.from_numpy(e), dim=1) for e in embedded)
-    sims = a @ b.T                                                 # (H, H)
-    rank = (sims > sims.diagonal()[:, None]).sum(1)                # 0: the other view is the nearest
-    return {'items': len(items), **{f'acc@{k}': float((rank < k).float().mean()) for k in (1, 10)}}
-
-
 def finetune(model, tokenizer, items, cfg, device):
     """Contrastive fine-tuning on item attributes; (model, report). items: [(subject, attrs)].
 
     cfg: views, drop, steps, batch_size, lr, temperature, temperature_lr, warmup, seed, max_length,
-    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout. AdamW with a linear warm-up, then
-    linear decay to 0.
+    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout (items kept out of the tuning, for
+    experiments/view_retrieval.py). AdamW with a linear warm-up, then linear decay to 0.
     """
     rng = np.random.default_rng(cfg['seed'])
     torch.manual_seed(cfg['seed'])
     order = rng.permutation(len(items))
-    heldout = [items[i] for i in order[:cfg['heldout']]]
     train_items = [items[i] for i in order[cfg['heldout']:]]
     if len(train_items) < cfg['batch_size']:
         raise DataError(f'--finetune: {len(train_items)} items left after {cfg["heldout"]} held out, '
                         'fewer than one batch')
-    def retrieval():
-        if heldout:
-            return view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, cfg['seed'] + 1)
-    before = retrieval()
-    if before:
-        print(f'view-to-view retrieval before tuning, {before["items"]} held-out items: '
-              f'acc@1 {before["acc@1"]:.3f}, acc@10 {before["acc@10"]:.3f}', flush=True)
     if cfg['lora']:
         model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
     elif cfg['train_layers']:
@@ -308,7 +286,7 @@ def finetune(model, tokenizer, items, cfg, device):
                   f'| {(step + 1) * cfg["batch_size"] / (time.time() - started):.1f} items/s', flush=True)
     seconds = time.time() - started
     model.eval()
-    report = {'config': cfg, 'view_retrieval_before': before, 'view_retrieval_after': retrieval(),
+    report = {'config': cfg, 'heldout_items': sorted(int(i) + 1 for i in order[:cfg['heldout']]),
               'seconds': seconds,
               'items_per_second': cfg['steps'] * cfg['batch_size'] / seconds,
               'trainable_parameters': sum(p.numel() for p in params), 'loss_curve': curve}
@@ -545,11 +523,6 @@ def tuned_model(args, ft, data, tokenizer, model, partial, resuming, device):
     model, report = finetune(model, tokenizer, items, cfg, device)
     save_tuned(model, tokenizer, folder)
     write_json_atomic(report_path, report)
-    b, a = report['view_retrieval_before'], report['view_retrieval_after']
-    if b:
-        print(f'view-to-view retrieval on {b["items"]} held-out items, '
-              f'acc@1 {b["acc@1"]:.3f} -> {a["acc@1"]:.3f}, '
-              f'acc@10 {b["acc@10"]:.3f} -> {a["acc@10"]:.3f}; {report["items_per_second"]:.1f} items/s')
     return model
 
 

@@ -227,6 +227,7 @@ def bench_finetune(a):
     """Contrastive fine-tuning throughput (items/s, each item --views prompts) of each path."""
     from data import load_processed
     from embed import finetune, load_lm, prompt_subject
+    from view_retrieval import view_retrieval
     data = load_processed(a.data)
     items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in data.read_jsonl('items.jsonl')]
     res = {}
@@ -236,10 +237,13 @@ def bench_finetune(a):
                'seed': 0, 'max_length': a.embed_max_length, 'train_layers': int(path[4:]) if path.startswith('last') else 0,
                'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': a.ft_heldout,
                'temperature': 0.05, 'temperature_lr': 1e-2}
-        _, report = finetune(model, tokenizer, items, cfg, a.dev)
+        heldout = [items[i] for i in np.random.default_rng(cfg['seed']).permutation(len(items))[:a.ft_heldout]]
+        before = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, 1) if heldout else None
+        model, report = finetune(model, tokenizer, items, cfg, a.dev)
+        after = view_retrieval(model, tokenizer, heldout, cfg['max_length'], 64, 1) if heldout else None
         res[path] = {'items_per_second': report['items_per_second'], 'seconds_per_step': report['seconds'] / a.ft_steps,
                      'trainable_parameters': report['trainable_parameters'],
-                     'view_retrieval_before': report['view_retrieval_before'], 'view_retrieval_after': report['view_retrieval_after'],
+                     'view_retrieval_before': before, 'view_retrieval_after': after,
                      'loss_first_last': [report['loss_curve'][0]['loss'], report['loss_curve'][-1]['loss']]}
     res['settings'] = {'lm': a.lm, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'views': 2, 'lr': a.ft_lr,
                        'heldout': a.ft_heldout,

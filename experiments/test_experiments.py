@@ -439,3 +439,20 @@ def test_download_names_the_5core_or_every_review():
     assert download_urls('amazon2014-Beauty-full')[0].endswith('/categoryFiles/reviews_Beauty.json.gz')
     assert download_urls('amazon2018-AMAZON_FASHION-full')[0].endswith('/categoryFiles/AMAZON_FASHION.json.gz')
     assert download_urls('amazon2018-All_Beauty')[0].endswith('/categoryFilesSmall/All_Beauty_5.json.gz')
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_view_retrieval_before_and_after_a_tuning(tiny, tmp_path, capsys, lora):
+    import embed
+    import view_retrieval
+    if lora:
+        pytest.importorskip('peft')
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'llama' if lora else 'bert', texts)
+    embed.main(['--data', tiny.folder, '--lm', lm, '--out', str(tmp_path / 'emb'), '--finetune', '--steps', '5',
+                '--ft-batch-size', '8', '--lr', '1e-3', *(['--lora'] if lora else [])])
+    capsys.readouterr()
+    view_retrieval.main(['--data', tiny.folder, '--emb', str(tmp_path / 'emb')])
+    res = json.loads(capsys.readouterr().out)
+    assert res['before']['items'] == res['after']['items'] == tiny.n_items // 5
+    assert all(0 <= res[w]['acc@1'] <= res[w]['acc@10'] <= 1 for w in res)
