@@ -79,18 +79,6 @@ def user_batches(model, inputs, batch_size, device):
         yield idx, seq, model.user_vectors(seq, table).float()
 
 
-def user_vectors(model, inputs, batch_size, device):
-    """(U, L) left-padded ids -> (U, D) float32 user vectors on the CPU; the model left in its mode."""
-    was_training, out = model.training, None
-    batches = user_batches(model, inputs, batch_size, device)
-    next(batches)
-    for idx, _, users in batches:
-        out = torch.zeros(len(inputs), users.shape[1], device='cpu') if out is None else out
-        out[idx] = users.cpu()
-    model.train(was_training)
-    return out
-
-
 @torch.no_grad()
 def rank_targets(model, inputs, targets, negatives, batch_size, device, mask_history=True, memory_mib=1024):
     """0-based rank of each user's target, and the user vectors that scored it.

@@ -39,7 +39,7 @@ import torch
 from data import (DataError, at_least, git_commit, guard_out, load_checkpoint, lock, or_exit,
                   save_checkpoint, write_atomic, write_json_atomic)
 from embed import load_inputs
-from eval import evaluate, group_masks, markdown_table, trim, user_vectors
+from eval import evaluate, group_masks, markdown_table, rank_targets, trim
 from model import ModelConfig, build_model, neighbour_mean, pick_device, similar_users
 
 
@@ -361,7 +361,8 @@ def train(args, resumable, inputs):
             state['batches'] = epoch_batches(data.n_users, args.batch_size, np_rng)
             state['seconds'], state['loss_sum'] = 0.0, 0.0
             if distill and state['user_reps'] is None:             # the first epoch's teachers
-                state['user_reps'] = user_vectors(model, valid_in, args.eval_batch, device)
+                _, _, state['user_reps'] = rank_targets(model, valid_in, valid_t, data.eval_negatives,
+                                                        args.eval_batch, device, memory_mib=args.eval_memory)
         model.train()
         tick, seen, window_start = time.time(), 0, state['step'] + 1
         sums = {}                                                  # on the device, since the last read
