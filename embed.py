@@ -206,24 +206,11 @@ def add_lora(model, r, alpha, dropout):
     return get_peft_model(model, config)
 
 
-def train_last_layers(model, n):
-    """Freeze everything but the last n transformer blocks and what follows them (the final norm)."""
-    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
-                   and len(m) == model.config.num_hidden_layers), None)
-    if blocks is None or not 0 < n <= len(blocks):
-        raise DataError(f'--train-layers {n}: the model has {model.config.num_hidden_layers} blocks')
-    in_blocks = {id(p) for p in blocks.parameters()}
-    tuned = {id(p) for block in list(blocks)[-n:] for p in block.parameters()}
-    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
-    for p in model.parameters():
-        p.requires_grad = id(p) in tuned or (id(p) not in in_blocks and id(p) not in embeddings)
-
-
 def finetune(model, tokenizer, items, cfg, device):
     """Contrastive fine-tuning on item attributes; (model, report). items: [(subject, attrs)].
 
     cfg: views, drop, steps, batch_size, lr, temperature, temperature_lr, warmup, seed, max_length,
-    train_layers, lora, lora_r, lora_alpha, lora_dropout, heldout (items kept out of the tuning, for
+    lora, lora_r, lora_alpha, lora_dropout, heldout (items kept out of the tuning, for
     experiments/view_retrieval.py). AdamW with a linear warm-up, then linear decay to 0.
     """
     rng = np.random.default_rng(cfg['seed'])
@@ -235,8 +222,6 @@ def finetune(model, tokenizer, items, cfg, device):
                         'fewer than one batch')
     if cfg['lora']:
         model = add_lora(model, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_dropout'])
-    elif cfg['train_layers']:
-        train_last_layers(model, cfg['train_layers'])
     if device.type == 'cuda' and model.supports_gradient_checkpointing:  # activations recomputed: memory
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -366,7 +351,6 @@ def main(argv=None):
                    help='AdamW learning rate of the log inverse temperature (its own, so that it can move)')
     f.add_argument('--seed', type=int, default=42, help='seeds the views, the batches and the held-out split')
     f.add_argument('--heldout', type=int, default=1000, help='items held out for view-to-view retrieval')
-    f.add_argument('--train-layers', type=int, default=0, help='tune only the last N blocks (0: all)')
     f.add_argument('--lora', action='store_true', help='tune LoRA adapters instead (needs peft)')
     f.add_argument('--lora-r', type=int, default=8, help='LoRA rank')
     f.add_argument('--lora-alpha', type=int, default=16, help='LoRA scaling numerator')
@@ -374,7 +358,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     at_least(p, args, 2, 'max_length', 'views', 'ft_batch_size')
     at_least(p, args, 1, 'batch_size', 'steps', 'lora_r')
-    at_least(p, args, 0, 'heldout', 'train_layers')
+    at_least(p, args, 0, 'heldout')
     if not (0 <= args.drop < 1 and 0 <= args.lora_dropout < 1 and 0 <= args.warmup <= 1):
         p.error('--drop, --lora-dropout and --warmup take shares in [0, 1)')
     if min(args.lr, args.temperature, args.temperature_lr) <= 0:
@@ -413,7 +397,7 @@ def build(args):
     if args.finetune:                                              # a different tuning is a different cache
         key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
                                                           'warmup', 'temperature', 'temperature_lr', 'seed',
-                                                          'heldout', 'train_layers', 'lora', 'lora_r',
+                                                          'heldout', 'lora', 'lora_r',
                                                           'lora_alpha', 'lora_dropout')}
     if held and not args.overwrite:
         return reuse(args.out, key)

@@ -752,7 +752,7 @@ def test_embedding_and_fine_tuning_make_their_tensors_on_the_inputs_device(tmp_p
     tok, lm = embed.load_lm(tiny_lm(str(tmp_path / 'lm'), 'bert', texts), torch.device('cpu'))
     items = [(embed.prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in tiny.read_jsonl('items.jsonl')]
     cfg = {'views': 2, 'drop': 0.2, 'steps': 1, 'batch_size': 4, 'lr': 1e-3, 'temperature_lr': 1e-2, 'warmup': 0.1,
-           'seed': 0, 'max_length': 32, 'train_layers': 0, 'lora': False, 'heldout': 0, 'temperature': 0.05}
+           'seed': 0, 'max_length': 32, 'lora': False, 'heldout': 0, 'temperature': 0.05}
     with torch.device('meta'):
         assert embed.embed_texts(texts[:5], CpuTokenizer(tok), lm, 32, 2).shape == (5, 32)
         embed.finetune(lm, CpuTokenizer(tok), items, cfg, torch.device('cpu'))

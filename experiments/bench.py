@@ -231,10 +231,10 @@ def bench_finetune(a):
     data = load_processed(a.data)
     items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes']) for r in data.read_jsonl('items.jsonl')]
     res = {}
-    for path in a.ft_paths:                                        # 'full', 'last2' (last 2 blocks), 'lora'
+    for path in a.ft_paths:                                        # 'full' or 'lora'
         tokenizer, model = load_lm(a.lm, a.dev)                    # fresh weights for each path
         cfg = {'views': 2, 'drop': 0.2, 'steps': a.ft_steps, 'batch_size': a.ft_batch_size, 'lr': a.ft_lr, 'warmup': 0.1,
-               'seed': 0, 'max_length': a.embed_max_length, 'train_layers': int(path[4:]) if path.startswith('last') else 0,
+               'seed': 0, 'max_length': a.embed_max_length,
                'lora': path == 'lora', 'lora_r': 8, 'lora_alpha': 16, 'lora_dropout': 0.05, 'heldout': a.ft_heldout,
                'temperature': 0.05, 'temperature_lr': 1e-2}
         heldout = [items[i] for i in np.random.default_rng(cfg['seed']).permutation(len(items))[:a.ft_heldout]]
@@ -314,7 +314,7 @@ def main(argv=None):
     p.add_argument('--retrieval-users', type=int, default=200_000, help='users in the retrieval benchmark')
     p.add_argument('--embed-texts', type=int, default=1024, help='item prompts in the embed benchmark')
     p.add_argument('--embed-max-length', type=int, default=128, help='tokens per text in the embed benchmark')
-    p.add_argument('--ft-paths', nargs='+', default=['full', 'last2', 'lora'], help="fine-tuning paths: full, lastN, lora")
+    p.add_argument('--ft-paths', nargs='+', default=['full', 'lora'], choices=['full', 'lora'], help='fine-tuning paths')
     p.add_argument('--ft-steps', type=int, default=10, help='steps per fine-tuning path')
     p.add_argument('--ft-batch-size', type=int, default=32, help='items per fine-tuning step')
     p.add_argument('--ft-lr', type=float, default=5e-5, help='fine-tuning learning rate')
