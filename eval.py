@@ -56,7 +56,7 @@ def load_run(run, device='auto'):
         raise DataError(f'{config["emb"]} holds other embeddings than {run} was trained on (another model, '
                         'length or prompts). Re-embed with the original settings, or train again.')
     device = pick_device(device)
-    model = build_model(config, data.n_items, llm_items, data.item_popularity()).to(device)
+    model = build_model(config, data.n_items, llm_items).to(device)
     model.load_state_dict(ckpt['model'])
     return model.eval(), data, config, device
 

@@ -65,8 +65,6 @@ class ModelConfig:
                        'target and --negatives uniform items, log-Q corrected',
                        choices=['bce', 'bpr', 'ce', 'sampled'])
     negatives: int = option(256, '--loss sampled: uniform negatives shared by a batch')
-    logit_adjust: float = option(0.0, 'departure, in neither paper: training scores add this times '
-                                 'log(training popularity) (Menon et al. 2021); ranking uses raw scores')
 
 
 def pick_device(name):
@@ -302,14 +300,10 @@ class Recommender(nn.Module):
     BERT4Rec inputs may hold the mask token, id n_items + 1, with a trainable row in each view.
     """
 
-    def __init__(self, cfg, llm_items=None, popularity=None):
-        """llm_items: (n_items, d_llm) language-model item table, needed by llminit and llmesr;
-        popularity: (n_items + 1,) training interactions per item, needed by cfg.logit_adjust."""
+    def __init__(self, cfg, llm_items=None):
+        """llm_items: (n_items, d_llm) language-model item table, needed by llminit and llmesr."""
         super().__init__()
         self.cfg = cfg
-        if cfg.logit_adjust:
-            prior = torch.as_tensor(popularity, dtype=torch.float32) + 1     # + 1: no item at log 0
-            self.register_buffer('log_prior', (prior / prior[1:].sum()).log(), persistent=False)
         llm = cfg.method == 'llmesr'
         self.use_sem = llm and cfg.semantic
         self.use_co = not llm or cfg.collaborative
@@ -453,11 +447,6 @@ class Recommender(nn.Module):
             return table
         return torch.cat([table, self.item_table(torch.tensor([self.mask_id], device=table.device))])
 
-    def prior(self, items):
-        """Training-only score offsets of `items` (ids or a slice): cfg.logit_adjust * log(training
-        popularity), or 0 when off. Added to every training logit, never to ranking scores."""
-        return self.cfg.logit_adjust * self.log_prior[items] if self.cfg.logit_adjust else 0
-
     def forward(self, seq, pos, neg, teacher=None, alpha=0.0):
         """(B, L) ids -> (loss, parts): the next-item loss, plus alpha * MSE to the teacher if given.
 
@@ -472,7 +461,7 @@ class Recommender(nn.Module):
             table = self.item_table()                              # (n_items + 1, D)
             states = self.user_states(seq, self.with_mask(table))  # (B, L, D)
             with torch.autocast(seq.device.type, enabled=False):
-                logits = states[valid].float() @ table[1:].float().T + self.prior(slice(1, None))  # (N, I)
+                logits = states[valid].float() @ table[1:].float().T   # (N, I)
                 rec = F.cross_entropy(logits, pos[valid] - 1)
         else:
             if seq.is_cuda:     # the whole table: torch.unique's data-dependent size would wait on the GPU
@@ -487,9 +476,9 @@ class Recommender(nn.Module):
             states = self.user_states(seq, table, seq_rows)        # (B, L, D)
             with torch.autocast(seq.device.type, enabled=False):
                 users, table = states[valid].float(), table.float()  # (N, D), (n, D)
-                pos_logits = (users * table[pos_rows[valid]]).sum(-1) + self.prior(pos[valid])  # (N,)
+                pos_logits = (users * table[pos_rows[valid]]).sum(-1)  # (N,)
                 if loss_kind in ('bce', 'bpr'):
-                    neg_logits = (users * table[neg_rows[valid]]).sum(-1) + self.prior(neg[valid])  # (N,)
+                    neg_logits = (users * table[neg_rows[valid]]).sum(-1)  # (N,)
                     rec = (-F.logsigmoid(pos_logits - neg_logits).mean() if loss_kind == 'bpr' else
                            F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) +
                            F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits)))
@@ -498,7 +487,6 @@ class Recommender(nn.Module):
                     # its logit gets - log(K q) and the sum over the K draws estimates the sum over all
                     # items (uniform draws: q = 1 / n_items). A draw equal to the target is no negative.
                     neg_logits = users @ table[neg_rows].T - math.log(len(neg) / self.cfg.n_items)  # (N, K)
-                    neg_logits = neg_logits + self.prior(neg)
                     neg_logits = neg_logits.masked_fill(neg[None] == pos[valid][:, None], -float('inf'))
                     rec = -torch.cat([pos_logits[:, None], neg_logits], 1).log_softmax(1)[:, 0].mean()
         parts = {'rec': rec.detach()}
@@ -516,12 +504,12 @@ class Recommender(nn.Module):
 LEGACY = {'mask_history': False, 'lm_scale': 'xavier'}
 
 
-def build_model(config, n_items, llm_items=None, popularity=None):
+def build_model(config, n_items, llm_items=None):
     """A Recommender from a run's flat config (train.py's flags): the keys named like ModelConfig's
-    fields are the model's. llm_items (n_items, d_llm) and popularity as Recommender takes them."""
+    fields are the model's. llm_items (n_items, d_llm) as Recommender takes it."""
     cfg = ModelConfig(n_items, **{f.name: config.get(f.name, LEGACY.get(f.name, f.default))
                                   for f in fields(ModelConfig)[1:]})
-    return Recommender(cfg, llm_items, popularity if cfg.logit_adjust else None)
+    return Recommender(cfg, llm_items)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -358,10 +358,10 @@ def test_retrieval_matches_brute_force_and_never_returns_self():
     assert not (got == torch.arange(300)[:, None]).any()
 
 
-def small_model(method='llmesr', n_items=30, d_llm=12, popularity=None, **kw):
+def small_model(method='llmesr', n_items=30, d_llm=12, **kw):
     torch.manual_seed(0)
     cfg = M.ModelConfig(n_items=n_items, method=method, d=8, max_len=20, dropout=0.0, **kw)
-    return M.Recommender(cfg, torch.randn(n_items, d_llm), popularity).eval()
+    return M.Recommender(cfg, torch.randn(n_items, d_llm)).eval()
 
 
 @pytest.mark.parametrize('method', ['base', 'llmesr'])
@@ -729,8 +729,7 @@ class CpuTokenizer:
 def test_every_path_makes_its_tensors_on_the_inputs_device(method, kind, loss):
     # Inputs on the CPU, torch's default device 'meta': a tensor made without device= lands on another
     # device than the inputs and the op that meets them raises, as a CPU tensor beside CUDA inputs.
-    m = small_model(method, backbone=kind, loss=loss, negatives=5, logit_adjust=1.0,
-                    popularity=np.arange(31)).train()
+    m = small_model(method, backbone=kind, loss=loss, negatives=5).train()
     gen = torch.Generator().manual_seed(0)
     lengths = [19, 2, 3, 2, 3, 2, 2, 3]                             # one long row: length groups split
     rows = torch.tensor([[0] * (20 - n) + list(range(1, n + 1)) for n in lengths])
@@ -777,30 +776,6 @@ def test_sampled_softmax_against_written_out_losses():
         partition = torch.exp(u @ table[t]) + 10 * sum(torch.exp(s) for s in others)
         expected.append(torch.log(partition) - u @ table[t])
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
-
-
-@pytest.mark.parametrize('loss', ['ce', 'sampled', 'bce'])
-def test_logit_adjustment_offsets_training_logits_only(loss):
-    pop = torch.arange(31.0) * 3                                     # item 0 is padding
-    plain, adjusted = small_model(loss=loss), small_model(loss=loss, logit_adjust=0.5, popularity=pop)
-    seq, pos = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]]), torch.tensor([[0, 4, 5, 6], [7, 8, 9, 10]])
-    users, table, targets = plain.user_states(seq)[pos != 0], plain.item_table(), pos[pos != 0]
-    assert torch.equal(adjusted.item_table(), table) and torch.equal(adjusted.user_vectors(seq), plain.user_vectors(seq))
-    offset = 0.5 * torch.log((pop + 1) / (pop[1:] + 1).sum())       # tau * log of the smoothed training share
-    scores = users @ table.T + offset                                # (N, n_items + 1)
-    if loss == 'ce':
-        expected = F.cross_entropy(scores[:, 1:], targets - 1)
-        loss_value, _ = adjusted(seq, pos, torch.zeros(0, dtype=torch.long))
-    elif loss == 'sampled':                                          # every item drawn once: the full softmax
-        expected = F.cross_entropy(scores[:, 1:], targets - 1)
-        loss_value, _ = adjusted(seq, pos, torch.arange(1, 31))
-    else:
-        neg = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-        rows = torch.arange(len(targets))
-        expected = (F.binary_cross_entropy_with_logits(scores[rows, targets], torch.ones(len(targets))) +
-                    F.binary_cross_entropy_with_logits(scores[rows, neg[pos != 0]], torch.zeros(len(targets))))
-        loss_value, _ = adjusted(seq, pos, neg)
-    assert torch.allclose(loss_value, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('method', ['base', 'llmesr'])
@@ -1295,10 +1270,11 @@ def test_a_damaged_checkpoint_is_named_and_refused(tiny, tiny_emb, finished, tmp
 def test_a_run_from_before_a_model_flag_existed_loads_with_its_default(tiny_runs, tmp_path):
     run = shutil.copytree(tiny_runs[1], tmp_path / 'run')
     ckpt = data.load_checkpoint(run / 'best.pt')
-    del ckpt['config']['logit_adjust'], ckpt['config']['lm_scale']
+    del ckpt['config']['mask_history'], ckpt['config']['lm_scale']
+    ckpt['config']['logit_adjust'] = 0.0                             # and a flag since retired
     data.save_checkpoint(str(run / 'best.pt'), ckpt)
-    model = evaluation.load_run(str(run), 'cpu')[0]
-    assert model.cfg.logit_adjust == 0.0 and model.cfg.lm_scale == 'xavier'   # lm_scale's default before it existed
+    model, _, config, _ = evaluation.load_run(str(run), 'cpu')
+    assert model.cfg.lm_scale == 'xavier' and 'mask_history' not in config   # their defaults before they existed
 
 
 def test_eval_refuses_a_damaged_best_checkpoint(tiny_runs, tmp_path):
@@ -1458,7 +1434,7 @@ def test_processed_data_and_embeddings_given_the_wrong_way_round(tiny, tiny_emb)
 def test_data_without_out_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data.main(['--raw', str(tmp_path)])
-    assert 'give --out' in capsys.readouterr().err
+    assert 'the following arguments are required: --out' in capsys.readouterr().err
 
 
 def test_a_write_cut_short_by_a_kill_does_not_block_the_resume(tiny, tiny_emb, finished):

@@ -106,7 +106,7 @@ def check_args(p, args):
     for name in ('dropout', 'mask_prob'):
         if not 0 <= getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} {getattr(args, name)}: give a share in [0, 1)')
-    at_least(p, args, 0, 'alpha', 'weight_decay', 'clip', 'threads', 'logit_adjust')
+    at_least(p, args, 0, 'alpha', 'weight_decay', 'clip', 'threads')
     if args.lr <= 0 or min(args.ks) < 1:
         p.error('--lr takes a number above 0, --ks numbers of at least 1')
     for heads in ('heads', 'cross_heads'):
@@ -285,8 +285,8 @@ def train(args, resumable, inputs):
     config['data_fingerprint'] = data.fingerprint
     for name in ('data', 'emb'):                                   # found from the run wherever it runs
         config[name] = config[name] and os.path.relpath(os.path.realpath(config[name]), args.out)
-    model = build_model(config, data.n_items, None if llm_items is None else torch.from_numpy(llm_items),
-                        data.item_popularity()).to(device)
+    lm_table = None if llm_items is None else torch.from_numpy(llm_items)      # (n_items, d_llm)
+    model = build_model(config, data.n_items, lm_table).to(device)
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable '
           f'parameters, {data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

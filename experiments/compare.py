@@ -35,7 +35,8 @@ NOT_VARIANT = {'data', 'emb', 'out', 'seed', 'device', 'threads', 'eval_batch', 
 LLMESR_ONLY = {'semantic', 'collaborative', 'cross', 'shared_encoder', 'pca_init', 'adapter_layers',
                'cross_heads', 'alpha', 'n_similar', 'teacher', 'cross_mask', 'cross_residual'}
 # flags of older train.py versions: retired ones with their default, negated ones with today's name
-RETIRED = {'teacher': 'table', 'cross_mask': 'causal', 'cross_residual': False, 'sort_pool': 0}
+RETIRED = {'teacher': 'table', 'cross_mask': 'causal', 'cross_residual': False, 'sort_pool': 0,
+           'logit_adjust': 0.0}
 NEGATED = {'no_semantic': 'semantic', 'no_collaborative': 'collaborative', 'no_cross': 'cross',
            'split_encoder': 'shared_encoder', 'random_init': 'pca_init'}
 

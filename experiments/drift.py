@@ -64,7 +64,7 @@ def drift_rows(run, emb=None):
     lm = torch.from_numpy(load_embeddings(run_path(config['emb'], run) or emb, data)[0])   # (n, d_llm)
     start = None                                                   # a base run starts at random
     if config['method'] != 'base':                                 # the PCA rows it started from
-        start = Recommender(model.cfg, lm, data.item_popularity()).co_items.weight[1:n + 1].detach()
+        start = Recommender(model.cfg, lm).co_items.weight[1:n + 1].detach()
     head = torch.from_numpy(data.head_items()[1:])
     return compare(model.co_items.weight[1:n + 1].detach(), start, lm, head)
 

@@ -74,7 +74,6 @@ CASES = [
     ('train', T + ['--n-similar', '0'], USAGE, r'--n-similar 0'),
     ('train', T + ['--eval-memory', '0'], USAGE, r'--eval-memory 0'),
     ('train', T + ['--ks', '0'], USAGE, r'--ks numbers of at least 1'),
-    ('train', T + ['--logit-adjust', '-1'], USAGE, r'--logit-adjust -1.0'),
     ('train', T + ['--device', 'nonsense'], USAGE, r"--device nonsense: not a device; use 'auto', 'cpu' or"),
     ('train', T + ['--device', 'cuda'], USAGE, r'--device cuda: this machine has no CUDA device'),
     ('train', T + ['--device', 'cuda:3'], USAGE, r'--device cuda:3: this machine has no CUDA device'),
