@@ -464,8 +464,7 @@ def archive_parsers(folder):
     maps = read_json(path, 'id map', 'Take it from the same archive.') if os.path.exists(path) else {}
 
     def parse_review(text):
-        user, item = text.split()
-        int(user), int(item)                                     # ValueError unless both are numbers
+        user, item = text.split()                                  # ValueError unless two fields
         return maps.get('id2user', {}).get(user, user), maps.get('id2item', {}).get(item, item), None
 
     def parse_meta(text, limit):

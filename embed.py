@@ -244,9 +244,7 @@ def finetune(model, tokenizer, items, cfg, device):
         texts = [v[k] for k in range(cfg['views']) for v in views]  # view-major: (K * B,)
         enc = tokenizer(texts, truncation=True, max_length=cfg['max_length'], padding=True,
                         return_tensors='pt').to(device)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            hidden = model(input_ids=enc['input_ids'], attention_mask=enc['attention_mask']).last_hidden_state
-        z = F.normalize(mean_pool(hidden.float(), enc['attention_mask']), dim=1)
+        z = F.normalize(encode(model, enc['input_ids'], enc['attention_mask']), dim=1)  # (K * B, H)
         loss = info_nce(z.view(cfg['views'], len(batch), -1), log_scale)
         if not torch.isfinite(loss):
             raise DataError(f'--finetune: the loss is {loss.item()} at step {step}; try a lower --lr')

@@ -89,7 +89,6 @@ def get_args(argv=None):
     flag('--eval-batch', type=int, default=1024, resume=True, help='users per evaluation batch')
     flag('--eval-memory', type=int, default=1024, resume=True, help='MiB of scores per chunk of ranked items')
     flag('--log-every', type=int, default=50, resume=True, help='steps between log lines')
-    flag('--compile', action='store_true', resume=True, help='torch.compile the training step')
     flag('--resume', action='store_true', resume=True, help='continue from <out>/last.pt')
     flag('--overwrite', action='store_true', resume=True,
          help='replace the run in --out (its checkpoints and results)')
@@ -290,10 +289,8 @@ def train(args, resumable, inputs):
     print(f'{args.method}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable '
           f'parameters, {data.n_users:,} users, {data.n_items:,} items, device {device}')
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step_fn = torch.compile(model, dynamic=True) if args.compile else model  # lengths vary: one graph
-    if world > 1:                                   # gradients averaged over the ranks in backward()
-        ids = [device] if device.type == 'cuda' else None
-        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
+    step_fn = model if world == 1 else torch.nn.parallel.DistributedDataParallel(   # gradients averaged
+        model, device_ids=[device] if device.type == 'cuda' else None)                # over the ranks
     # bf16 on CUDA for the training step only: evaluation stays float32, where ties count against the target
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda'
                 else contextlib.nullcontext())
