@@ -497,10 +497,8 @@ def detect_layout(raw, columns=None):
         if 'inter.txt' not in files:
             raise DataError(f'--raw {raw}: an LLM-ESR archive folder (id_map.json, item2attributes.json) '
                             'without its inter.txt; take it from the same archive (`user item` lines).')
-        real = os.path.realpath(raw)                              # data/<dataset>/handled: the dataset
-        name = os.path.basename(os.path.dirname(real) if os.path.basename(real) == 'handled' else real)
         meta = at('item2attributes.json') if 'item2attributes.json' in files else None
-        return Layout('llmesr', at('inter.txt'), meta, f'The {name.lower()} item', *archive_parsers(raw),
+        return Layout('llmesr', at('inter.txt'), meta, 'The item', *archive_parsers(raw),
                       also=tuple(at(f) for f in ['id_map.json'] if f in files))
     tables = [f for f in files if re.fullmatch(r'.+\.inter|interactions\.(csv|tsv)(\.gz)?', f)]
     if len(tables) > 1:

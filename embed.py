@@ -270,12 +270,6 @@ def finetune(model, tokenizer, items, cfg, device):
     return model, report
 
 
-def save_tuned(model, tokenizer, folder):
-    """The tuned weights (the LoRA adapter alone for a LoRA model) and the tokenizer, in `folder`."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def model_fingerprint(path):
     """Hash of a local model's config and weight files (size and sha256), or the hub name itself."""
     if not os.path.isdir(path):
@@ -379,10 +373,7 @@ def build(args):
     batches b with b % ranks == rank into the shared memory-mapped files, and rank 0 alone writes the
     rest (the files are shared through one machine's page cache: one machine, many GPUs)."""
     rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if rank == 0:                                                  # before anything is read
-        held = guard_out(args.out, 'embeddings', {'--data': args.data})
-    else:
-        held = os.path.exists(os.path.join(args.out, 'manifest.json'))
+    held = guard_out(args.out, 'embeddings', {'--data': args.data})   # before anything is read
     commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
     device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if device.type == 'cuda' and rank else device
@@ -391,7 +382,8 @@ def build(args):
     user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]
     source = resolve_lm(args.lm)
     key = {'embed_version': EMBED_VERSION, 'lm': args.lm, 'model_fingerprint': model_fingerprint(source),
-           'pooling': 'mean', 'max_length': args.max_length, **prompts_key(data)}
+           'pooling': 'mean', 'max_length': args.max_length, 'data_fingerprint': data.fingerprint,
+           'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
     if args.finetune:                                              # a different tuning is a different cache
         key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
                                                           'warmup', 'temperature', 'temperature_lr', 'seed',
@@ -421,12 +413,11 @@ def build(args):
     arrays = {}
     for name, texts in (('items', item_texts), ('users', user_texts)):
         file = os.path.join(partial, f'{name}.npy')
-        if rank == 0:                                              # resumed, or made now
-            mode = 'r+' if resuming and os.path.exists(file) else 'w+'
-            arrays[name] = np.lib.format.open_memmap(file, mode, np.float32, (len(texts), dim))
-        if ranks > 1:                                              # rank 0 made the file: every rank opens it
+        if rank == 0 and not (resuming and os.path.exists(file)):  # made by rank 0, opened by every rank
+            np.lib.format.open_memmap(file, 'w+', np.float32, (len(texts), dim)).flush()
+        if ranks > 1:
             dist.barrier()
-            arrays[name] = np.lib.format.open_memmap(file, mode='r+')
+        arrays[name] = np.lib.format.open_memmap(file, mode='r+')
 
         def save(done, name=name):
             arrays[name].flush()
@@ -449,13 +440,6 @@ def build(args):
     publish(partial, args.out, f' in {seconds:.0f} s ({rate:.1f} texts/s on {device})', {
         **key, **tuned, 'lm_path': os.path.abspath(source) if os.path.isdir(source) else source,
         'seconds': seconds, 'device': str(device), 'texts_per_second': rate, 'commit': commit})
-
-
-def prompts_key(data):
-    """What an embedding folder was made from: the processed data and the hash of its prompts."""
-    return {'data_fingerprint': data.fingerprint,
-            **{f'{k[:-1]}_prompts_sha256': sha256_json([r['prompt'] for r in data.read_jsonl(f'{k}.jsonl')])
-               for k in ('items', 'users')}}
 
 
 def reuse(out, key):
@@ -494,7 +478,8 @@ def tuned_model(args, ft, data, tokenizer, model, partial, resuming, device):
     cfg = {**ft, 'batch_size': ft['ft_batch_size'], 'max_length': args.max_length,
            'heldout': min(ft['heldout'], len(items) // 5)}
     model, report = finetune(model, tokenizer, items, cfg, device)
-    save_tuned(model, tokenizer, folder)
+    model.save_pretrained(folder)                                  # a LoRA model: its adapter alone
+    tokenizer.save_pretrained(folder)
     write_json_atomic(report_path, report)
     return model
 

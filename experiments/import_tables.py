@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import (DataError, git_commit, guard_out, load_processed, lock, or_exit, read_json,  # noqa: E402
                   sha256_file, sha256_json)
-from embed import EMBED_VERSION, prompts_key, publish, reuse  # noqa: E402
+from embed import EMBED_VERSION, publish, reuse  # noqa: E402
 
 
 PICKLED_ARRAY = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')} | {
@@ -123,7 +123,9 @@ def build(args):
     files = table_files(args.tables)
     key = {'embed_version': EMBED_VERSION, 'lm': 'imported from ' + ' and '.join(map(os.path.abspath, files)),
            'model_fingerprint': sha256_json([sha256_file(f) for f in files]), 'pooling': 'as made there',
-           'max_length': None, **prompts_key(data)}
+           'max_length': None, 'data_fingerprint': data.fingerprint,   # and the prompts, as embed.py's key
+           **{f'{k[:-1]}_prompts_sha256': sha256_json([r['prompt'] for r in data.read_jsonl(f'{k}.jsonl')])
+              for k in ('items', 'users')}}
     if held and not args.overwrite:
         return reuse(args.out, key)
     partial = f'{args.out.rstrip("/")}.partial'
