@@ -456,3 +456,13 @@ def test_view_retrieval_before_and_after_a_tuning(tiny, tmp_path, capsys, lora):
     res = json.loads(capsys.readouterr().out)
     assert res['before']['items'] == res['after']['items'] == tiny.n_items // 5
     assert all(0 <= res[w]['acc@1'] <= res[w]['acc@10'] <= 1 for w in res)
+
+
+def test_view_retrieval_names_what_is_missing(tiny, tiny_emb, tmp_path):
+    import view_retrieval
+    with pytest.raises(SystemExit, match=r'finetune.json: no fine-tuning report here. Make it with .*--finetune'):
+        view_retrieval.main(['--data', tiny.folder, '--emb', tiny_emb])
+    old = shutil.copytree(tiny_emb, tmp_path / 'old')
+    (old / 'finetune.json').write_text(json.dumps({'config': {}, 'view_retrieval_before': None}))
+    with pytest.raises(SystemExit, match=r'lists no held-out items: it was tuned by an older embed.py'):
+        view_retrieval.main(['--data', tiny.folder, '--emb', str(old)])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import load_processed, or_exit  # noqa: E402
+from data import DataError, load_processed, or_exit, read_json  # noqa: E402
 from embed import attribute_views, embed_texts, load_lm, prompt_subject  # noqa: E402
 from model import pick_device  # noqa: E402
 
@@ -47,8 +47,12 @@ def main(argv=None):
 
 
 def measure(args):
-    manifest, report = (json.load(open(os.path.join(args.emb, f'{name}.json')))
-                        for name in ('manifest', 'finetune'))
+    remedy = f'Make it with `python embed.py --data {args.data} --lm <model> --out {args.emb} --finetune`.'
+    manifest = read_json(os.path.join(args.emb, 'manifest.json'), 'embedding manifest', remedy)
+    report = read_json(os.path.join(args.emb, 'finetune.json'), 'fine-tuning report', remedy)
+    if 'heldout_items' not in report:                              # embed.py before it listed them
+        raise DataError(f'{args.emb}/finetune.json lists no held-out items: it was tuned by an older embed.py, '
+                        'whose report holds view_retrieval_before and view_retrieval_after already.')
     data, device, cfg = load_processed(args.data), pick_device(args.device), report['config']
     items = [(prompt_subject(r['prompt'], r['attributes']), r['attributes'])
              for r in data.read_jsonl('items.jsonl')]
