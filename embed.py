@@ -356,14 +356,14 @@ def main(argv=None):
     if min(args.lr, args.temperature, args.temperature_lr) <= 0:
         p.error('--lr, --temperature and --temperature-lr take numbers above 0')
     try:
-        device = pick_device(args.device)
+        pick_device(args.device)
     except DataError as e:
         p.error(str(e))
     args.out = os.path.realpath(args.out)                          # a link or a trailing slash: the folder
     if 'RANK' in os.environ:                                       # under torchrun
         if args.finetune:
             p.error('--finetune runs in one process: leave torchrun out')
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        dist.init_process_group('gloo')                            # for barriers only: no tensor moves
     first = not dist.is_initialized() or dist.get_rank() == 0
     or_exit(lock(args.out)(build) if first else build, args)      # rank 0 holds --out's lock
 
@@ -376,7 +376,8 @@ def build(args):
     held = guard_out(args.out, 'embeddings', {'--data': args.data})   # before anything is read
     commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
-    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if device.type == 'cuda' and rank else device
+    if device.type == 'cuda' and ranks > 1:                        # one GPU per rank
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     data = load_processed(args.data)
     item_texts = [r['prompt'] for r in data.read_jsonl('items.jsonl')]
     user_texts = [r['prompt'] for r in data.read_jsonl('users.jsonl')]
