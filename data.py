@@ -2,9 +2,9 @@
 
     python data.py --raw ../shared/data/amazon-beauty-2014 --out processed/beauty
 
-Layouts, told apart by file names in --raw: amazon2014 (reviews_<Cat>[_5].json.gz, JSON lines, +
-meta_<Cat>.json.gz, Python literals), amazon2018 (<Cat>[_5].json.gz + meta_<Cat>.json.gz, JSON
-lines) and yelp (yelp_academic_dataset_review.json + yelp_academic_dataset_business.json).
+Layouts, told apart by file names in --raw: amazon2014 (reviews_<Cat>[_5].json.gz + meta_<Cat>.json.gz),
+amazon2018 (<Cat>[_5].json.gz + meta_<Cat>.json.gz), yelp (yelp_academic_dataset_*.json), RecBole
+(<name>.inter [+ .item]), CSV/TSV (interactions.csv|tsv [+ items]) and the authors' LLM-ESR archive.
 
 Pipeline: parse (bad lines reported by file and line, skipped and counted) -> drop exact duplicates
 -> stable sort of each user's interactions by time -> iterative k-core -> leave-one-out split (last
@@ -647,7 +647,8 @@ def process(layout, args):
         except (ValueError, SyntaxError, TypeError) as e:
             bad.report(layout.reviews, lineno, str(e) or type(e).__name__)
             continue
-        timeless, when = (True, lineno) if when is None else (timeless, when)   # no time: file order
+        if when is None:                                           # no time: the file's order
+            timeless, when = True, lineno
         if (user, item, when) in seen:
             duplicates += 1
             continue
