@@ -466,3 +466,26 @@ def test_view_retrieval_names_what_is_missing(tiny, tiny_emb, tmp_path):
     (old / 'finetune.json').write_text(json.dumps({'config': {}, 'view_retrieval_before': None}))
     with pytest.raises(SystemExit, match=r'lists no held-out items: it was tuned by an older embed.py'):
         view_retrieval.main(['--data', tiny.folder, '--emb', str(old)])
+
+
+def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path, capsys):
+    import paper_table
+
+    def finish(dataset, name, seed, full, sampled):
+        group = {'HR@10': full, 'NDCG@10': full / 2}
+        res = {'config': {'seed': seed}, 'test': {
+            'full': {'overall': group, 'tail_item_paper': group},
+            'sampled': {'overall': {'HR@10': sampled, 'NDCG@10': sampled / 2},
+                        'tail_item_paper': {'HR@10': sampled, 'NDCG@10': sampled / 2}}}}
+        os.makedirs(tmp_path / dataset / f'{name}-s{seed}')
+        json.dump(res, open(tmp_path / dataset / f'{name}-s{seed}' / 'results.json', 'w'))
+    finish('beauty-sparse', 'sasrec-base-ce', 42, 0.04, 0.4)
+    finish('beauty-sparse', 'sasrec-base-ce', 44, 0.06, 0.6)
+    paper_table.main([str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    sparse = lines.index('| **sparse Beauty, cross-entropy** | | | | | |')
+    assert lines[sparse + 1] == '| SASRec | 42, 44 | 0.5000 / 0.2500 | 0.5000 / 0.2500 | 0.0500 / 0.0250 | 0.0500 / 0.0250 |'
+    assert lines[sparse + 2] == '| LLMInit, MiniLM | not run yet | | | | |'
+    assert lines[2].startswith('| paper: SASRec') and len(lines) == 2 + 2 + sum(1 + len(c[3]) for c in paper_table.CONDITIONS)
+    with pytest.raises(SystemExit, match='not a folder'):
+        paper_table.main([str(tmp_path / 'none')])
