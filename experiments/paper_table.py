@@ -20,36 +20,30 @@ from data import or_exit, read_json  # noqa: E402
 PAPER = [('paper: SASRec (its Beauty, ada-002)', '0.4388 / 0.3030', '0.0870 / 0.0649'),
          ('paper: LLM-ESR', '0.5672 / 0.3713', '0.2257 / 0.1108')]
 SEEDS = (42, 43, 44)
-# (heading, dataset folder under results/, its tail-item group, [(row label, run name without -s<seed>)])
+# the cross-entropy conditions, on either dataset: (row label, run name without -s<seed>)
+CROSS_ENTROPY = [
+    ('SASRec', 'sasrec-base-ce'),
+    ('LLMInit, MiniLM', 'sasrec-llminit-ce-lmscale'),
+    ('LLMInit, MPNet', 'sasrec-llminit-ce-mpnet'),
+    ('LLMInit, tuned MiniLM', 'sasrec-llminit-ce-cft'),
+    ('the recipe, MiniLM', 'sasrec-llmesr-ce-nocross-lmscale'),
+    ('the recipe, MPNet', 'sasrec-llmesr-ce-nocross-mpnet'),
+    ('LLM-ESR, MiniLM', 'sasrec-llmesr-ce-lmscale'),
+    ('LLM-ESR, MPNet', 'sasrec-llmesr-ce-mpnet'),
+    ('LLM-ESR, tuned MiniLM', 'sasrec-llmesr-ce-cft'),
+    ('LLM-CFSR, tuned MiniLM', 'sasrec-cfsr-ce-cft'),
+    ("LLM-CFSR's model, untuned MiniLM", 'sasrec-cfsr-ce-lmscale')]
+# (heading, dataset folder under results/, its tail-item group, [(row label, run name)])
 CONDITIONS = [
     ('dense Beauty (5-core), official regime', 'beauty', 'tail_item', [
         ('SASRec', 'sasrec-base-official'),
         ('LLM-ESR, MiniLM (LM tables rescaled)', 'sasrec-llmesr-official')]),
-    ('dense Beauty, cross-entropy', 'beauty', 'tail_item', [
-        ('SASRec', 'sasrec-base-ce'),
-        ('LLMInit, MiniLM', 'sasrec-llminit-ce-lmscale'),
-        ('LLMInit, MPNet', 'sasrec-llminit-ce-mpnet'),
-        ('the recipe, MiniLM', 'sasrec-llmesr-ce-nocross-lmscale'),
-        ('the recipe, MPNet', 'sasrec-llmesr-ce-nocross-mpnet'),
-        ('LLM-ESR, MiniLM', 'sasrec-llmesr-ce-lmscale'),
-        ('LLM-ESR, MPNet', 'sasrec-llmesr-ce-mpnet'),
-        ('LLM-CFSR, tuned MiniLM', 'sasrec-cfsr-ce-cft')]),
+    ('dense Beauty, cross-entropy', 'beauty', 'tail_item', CROSS_ENTROPY),
     ('sparse Beauty, official regime', 'beauty-sparse', 'tail_item_paper', [
         ('SASRec', 'sasrec-base-official'),
         ('LLM-ESR, MiniLM', 'sasrec-llmesr-official-lmscale'),
         ('LLM-ESR, MPNet', 'sasrec-llmesr-official-mpnet')]),
-    ('sparse Beauty, cross-entropy', 'beauty-sparse', 'tail_item_paper', [
-        ('SASRec', 'sasrec-base-ce'),
-        ('LLMInit, MiniLM', 'sasrec-llminit-ce-lmscale'),
-        ('LLMInit, MPNet', 'sasrec-llminit-ce-mpnet'),
-        ('LLMInit, tuned MiniLM', 'sasrec-llminit-ce-cft'),
-        ('the recipe, MiniLM', 'sasrec-llmesr-ce-nocross-lmscale'),
-        ('the recipe, MPNet', 'sasrec-llmesr-ce-nocross-mpnet'),
-        ('LLM-ESR, MiniLM', 'sasrec-llmesr-ce-lmscale'),
-        ('LLM-ESR, MPNet', 'sasrec-llmesr-ce-mpnet'),
-        ('LLM-ESR, tuned MiniLM', 'sasrec-llmesr-ce-cft'),
-        ('LLM-CFSR, tuned MiniLM', 'sasrec-cfsr-ce-cft'),
-        ("LLM-CFSR's model, untuned MiniLM", 'sasrec-cfsr-ce-lmscale')]),
+    ('sparse Beauty, cross-entropy', 'beauty-sparse', 'tail_item_paper', CROSS_ENTROPY),
 ]
 
 
