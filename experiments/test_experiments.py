@@ -489,3 +489,32 @@ def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path,
     assert lines[2].startswith('| paper: SASRec') and len(lines) == 2 + 2 + sum(1 + len(c[3]) for c in paper_table.CONDITIONS)
     with pytest.raises(SystemExit, match='not a folder'):
         paper_table.main([str(tmp_path / 'none')])
+
+
+def test_verdicts_are_paired_tests_of_the_finished_seeds_and_name_the_missing(tiny, tiny_runs, tmp_path, capsys):
+    import compare
+    import verdicts
+    for run, name in zip(tiny_runs, ('sasrec-base-ce-s42', 'sasrec-llmesr-ce-lmscale-s42')):
+        copy = shutil.copytree(run, tmp_path / 'beauty-sparse' / name)
+        res = json.load(open(copy / 'results.json'))
+        res['config']['data'] = tiny.folder                                  # as seen from its new place
+        json.dump(res, open(copy / 'results.json', 'w'))
+    verdicts.main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    column = [c for c, *_ in verdicts.LLMESR_COLUMNS].index('sparse, cross-entropy, MiniLM')
+    sampled_overall = out[4].split(' | ')
+    assert sampled_overall[0] == '| LLM-ESR: better overall (100 negatives)'
+    a, b = (str(tmp_path / 'beauty-sparse' / n) for n in ('sasrec-llmesr-ce-lmscale-s42', 'sasrec-base-ce-s42'))
+    got = compare.paired([a], [b], 'overall', protocol='sampled')
+    change = got['mean_a'] / got['mean_b'] - 1
+    assert sampled_overall[1 + column].endswith(f'{100 * change:+.0f}%, t {got["t"]:+.1f} (1 / 1 seeds)')
+    assert sampled_overall[1 + column].startswith('**held**' if got['t'] > 1.96 else 'not held')
+    assert sum(c.strip(' |') == 'not run yet' for c in sampled_overall) == len(verdicts.LLMESR_COLUMNS) - 1
+    three = (3, 3)
+    assert verdicts.verdict({'change': 0.1, 't': 2.5, 'seeds': three}, {'change': 0.2, 't': 9.0, 'seeds': three}) \
+        == '**held**, but smaller than overall: +10%, t +2.5'
+    assert verdicts.verdict({'change': 0.3, 't': 1.9, 'seeds': three}) == 'not held: +30%, t +1.9'
+    assert verdicts.verdict({'change': -0.3, 't': -5.0, 'seeds': three}) == 'not held: -30%, t -5.0'
+    assert verdicts.verdict(None) == 'not run yet'
+    with pytest.raises(SystemExit, match='not a folder'):
+        verdicts.main([str(tmp_path / 'none')])
