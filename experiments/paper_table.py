@@ -74,14 +74,19 @@ def table(results):
     return '\n'.join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def results_folder(doc, argv):
+    """The folder of committed runs named on the command line (results/ when none is)."""
+    p = argparse.ArgumentParser(description=doc.split('\n')[0])
     p.add_argument('results', nargs='?', default='results',
                    help='the folder holding the beauty/ and beauty-sparse/ run folders')
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.results):
-        sys.exit(f'error: {args.results} is not a folder; give the folder of committed runs (results/).')
-    print(or_exit(table, args.results))
+    folder = p.parse_args(argv).results
+    if not os.path.isdir(folder):
+        sys.exit(f'error: {folder} is not a folder; give the folder of committed runs (results/).')
+    return folder
+
+
+def main(argv=None):
+    print(or_exit(table, results_folder(__doc__, argv)))
 
 
 if __name__ == '__main__':

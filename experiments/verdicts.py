@@ -11,7 +11,6 @@ official code's group (total popularity below 4) on sparse Beauty; on the 5-core
 so its cells use the Pareto tail, as `paper_table.py` does. The processed data must be there (the
 groups are read from it): `python data.py ...` as RESULTS.md says.
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare import groups_of_run, paired_test, side, user_ndcg  # noqa: E402
 from data import DataError, or_exit  # noqa: E402
-from paper_table import SEEDS  # noqa: E402
+from paper_table import SEEDS, results_folder  # noqa: E402
 
 DATASETS = {'dense': 'beauty', 'sparse': 'beauty-sparse'}
 TAIL_ITEMS = {'beauty': 'tail_item', 'beauty-sparse': 'tail_item_paper'}
@@ -167,13 +166,7 @@ def effects_table(runs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('results', nargs='?', default='results',
-                   help='the folder holding the beauty/ and beauty-sparse/ run folders')
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.results):
-        sys.exit(f'error: {args.results} is not a folder; give the folder of committed runs (results/).')
-    runs = Runs(args.results)
+    runs = Runs(results_folder(__doc__, argv))
     for title, make in (("LLM-ESR's claims, against SASRec trained the same way", llmesr_table),
                         ("LLM-CFSR's claims and the stronger LM's", other_table),
                         ("The LM's own effect, everything else held", effects_table)):
