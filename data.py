@@ -828,10 +828,8 @@ def load_processed(folder):
     # the fingerprint is the hash of every file: one edited or replaced since data.py wrote it is refused
     if folder_fingerprint(folder, manifest['outputs']) != manifest['fingerprint']:
         raise DataError(f'{folder}: its files have changed since data.py wrote them. {remedy}')
-    arrays = {name: np.load(os.path.join(folder, f'{name}.npy')) for name in ['sequences', 'offsets',
-                                                                                'eval_negatives']}
-    data = Processed(folder, manifest['fingerprint'], manifest['stats'], **arrays)
-    return data
+    arrays = {n: np.load(f'{folder}/{n}.npy') for n in ['sequences', 'offsets', 'eval_negatives']}
+    return Processed(folder, manifest['fingerprint'], manifest['stats'], **arrays)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,9 +92,9 @@ def mean_pool(hidden, mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def encode(model, input_ids, attention_mask):
-    """(B, T) token ids -> (B, H) float32 mean-pooled embeddings."""
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=input_ids.is_cuda):
+def encode(model, input_ids, attention_mask, bf16=False):
+    """(B, T) token ids -> (B, H) float32 mean-pooled embeddings; bfloat16 inside on CUDA, or if asked."""
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda or bf16):
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return mean_pool(hidden.float(), attention_mask)
 
@@ -108,13 +108,13 @@ def token_lengths(texts, tokenizer, max_length, chunk=10_000):
 
 @torch.inference_mode()
 def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding', out=None, start=0,
-                on_progress=None, every=20, shard=(0, 1)):
+                on_progress=None, every=20, shard=(0, 1), bf16=False):
     """list of N strings -> (N, H) float32, in the order given.
 
     `out` may be a memory-mapped (N, H) array that is filled in place; batches before `start` are
     taken as already written there. on_progress(done) is called every `every` batches and at the
     end, with the number of batches written, so an interrupted run can resume. shard (rank, ranks):
-    only the batches b with b % ranks == rank are embedded.
+    only the batches b with b % ranks == rank are embedded. bf16: bfloat16 autocast on the CPU too.
     """
     device = next(model.parameters()).device
     batches = batches_by_length(token_lengths(texts, tokenizer, max_length), batch_size)
@@ -127,7 +127,7 @@ def embed_texts(texts, tokenizer, model, max_length, batch_size, desc='embedding
         batch = batches[b]
         enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
                         return_tensors='pt').to(device)
-        out[batch] = encode(model, enc['input_ids'], enc['attention_mask']).cpu().numpy()
+        out[batch] = encode(model, enc['input_ids'], enc['attention_mask'], bf16).cpu().numpy()
         if on_progress and ((b + 1) % every == 0 or b + 1 == len(batches)):
             on_progress(b + 1)
         if to_log and (b + 1) % every == 0:
@@ -317,7 +317,7 @@ def load_inputs(config, run=None):
     # what the embeddings are, so a folder re-embedded with another model is never taken for this one
     ident = {k: manifest[k] for k in ('lm', 'model_fingerprint', 'pooling', 'max_length',
                                       'item_prompts_sha256', 'user_prompts_sha256')}
-    ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint') if manifest.get(k)})
+    ident.update({k: manifest[k] for k in ('finetune', 'tuned_fingerprint', 'bf16') if manifest.get(k)})
     return data, llm_items, llm_users, sha256_json(ident)
 
 
@@ -329,6 +329,7 @@ def main(argv=None):
     p.add_argument('--max-length', type=int, default=256, help='tokens per text; longer texts are cut')
     p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
+    p.add_argument('--bf16', action='store_true', help='bfloat16 on the CPU too, as on CUDA: about 2x faster')
     p.add_argument('--overwrite', action='store_true', help='replace embeddings in --out made otherwise')
     f = p.add_argument_group('contrastive fine-tuning before embedding (LLM-CFSR)')
     f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped views first')
@@ -385,6 +386,7 @@ def build(args):
     key = {'embed_version': EMBED_VERSION, 'lm': args.lm, 'model_fingerprint': model_fingerprint(source),
            'pooling': 'mean', 'max_length': args.max_length, 'data_fingerprint': data.fingerprint,
            'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
+    key.update({'bf16': True} if args.bf16 else {})               # a bfloat16 table is another table
     if args.finetune:                                              # a different tuning is a different cache
         key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
                                                           'warmup', 'temperature', 'temperature_lr', 'seed',
@@ -427,7 +429,7 @@ def build(args):
         if progress.get(name):
             print(f'{name}: resuming {partial} after batch {progress[name]}')
         embed_texts(texts, tokenizer, model, args.max_length, args.batch_size, name, arrays[name],
-                    progress.get(name, 0), save if ranks == 1 else None, shard=(rank, ranks))
+                    progress.get(name, 0), save if ranks == 1 else None, shard=(rank, ranks), bf16=args.bf16)
         arrays[name].flush()
     if ranks > 1:                                                  # every rank's rows are written
         dist.barrier()
@@ -447,7 +449,7 @@ def reuse(out, key):
     """An embedding folder made with `key` is reused; one made otherwise is refused."""
     old = read_json(os.path.join(out, 'manifest.json'), 'embedding manifest',
                     'Replace the folder with --overwrite, or give a new folder as --out.')
-    if not all(old.get(k) == v for k, v in key.items()) or old.get('finetune') != key.get('finetune'):
+    if any(old.get(k) != key.get(k) for k in {*key, 'finetune', 'bf16'}):
         raise DataError(f'--out {out} holds embeddings made with another model, data or settings; '
                         'replace them with --overwrite, or give a new folder as --out.')
     print(f'{out} is up to date')

@@ -518,3 +518,19 @@ def test_verdicts_are_paired_tests_of_the_finished_seeds_and_name_the_missing(ti
     assert verdicts.verdict(None) == 'not run yet'
     with pytest.raises(SystemExit, match='not a folder'):
         verdicts.main([str(tmp_path / 'none')])
+
+
+def test_bf16_check_measures_both_ways_and_never_writes_over(tiny, tmp_path):
+    import bf16_check
+    texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
+    lm = tiny_lm(str(tmp_path / 'lm'), 'bert', texts)
+    out = tmp_path / 'bf16.json'
+    bf16_check.main(['--data', tiny.folder, '--lm', lm, '--out', str(out), '--items', '12', '--users', '11'])
+    report = json.load(open(out))
+    assert report['items']['texts'] == 12 and report['users']['texts'] == 11
+    for table in ('items', 'users'):
+        assert 0.99 < report[table]['cosine_min'] <= report[table]['cosine_mean'] <= 1 + 1e-6
+        assert 0 <= report[table]['top10_agreement'] <= 1 and report[table]['speedup'] > 0
+    with pytest.raises(SystemExit, match='never written over'):
+        bf16_check.main(['--data', tiny.folder, '--lm', lm, '--out', str(out)])
+    assert json.load(open(out)) == report
