@@ -103,9 +103,9 @@ class Runs:
 
 
 def effect(c):
-    """'+30%, t +28.1' (fewer seeds than three on a side: named after it)."""
-    if c.get('empty'):
-        return 'no test user in the group'
+    """'+30%, t +28.1' (fewer seeds than three on a side: named after it), or why there is none."""
+    if c is None or c.get('empty'):
+        return 'not run yet' if c is None else 'no test user in the group'
     change = '–' if c['change'] is None else f'{100 * c["change"]:+.0f}%'
     t = '–' if c['t'] is None else f'{c["t"]:+.1f}'
     seeds = '' if c['seeds'] == (len(SEEDS),) * 2 else ' ({} / {} seeds)'.format(*c['seeds'])
@@ -116,9 +116,9 @@ def verdict(c, overall=None):
     """'**held**: +30%, t +28.1' or 'not held: ...'; with `overall` (the same comparison over every
     user), a held tail-item gain smaller than the overall one says so."""
     if c is None or c.get('empty'):
-        return 'not run yet' if c is None else effect(c)
+        return effect(c)
     held = c['t'] is not None and c['t'] > HELD
-    smaller = held and overall and overall['change'] is not None and c['change'] < overall['change']
+    smaller = held and overall and None not in (c['change'], overall['change']) and c['change'] < overall['change']
     return ('**held**, but smaller than overall' if smaller else '**held**' if held else 'not held') + \
         f': {effect(c)}'
 
@@ -159,8 +159,7 @@ def effects_table(runs):
                 lines.append(f'| {row} | | | | |')
             elif dataset in datasets:
                 compared = [runs.compare(dataset, a, b, g, p) for p, g in cells]
-                lines.append(f'| {row} | ' + ' | '.join('not run yet' if c is None else effect(c)
-                                                        for c in compared) + ' |')
+                lines.append(f'| {row} | ' + ' | '.join(effect(c) for c in compared) + ' |')
         lines.append('')
     return '\n'.join(lines).rstrip()
 
