@@ -520,6 +520,38 @@ def test_verdicts_are_paired_tests_of_the_finished_seeds_and_name_the_missing(ti
         verdicts.main([str(tmp_path / 'none')])
 
 
+def test_refresh_tables_rewrites_only_the_generated_tables_and_checks_without_writing(tmp_path, capsys):
+    import refresh_tables
+    results = tmp_path / 'results'
+    os.makedirs(results / 'beauty-sparse')
+    made = refresh_tables.generated(str(results))                 # no runs: every cell "not run yet"
+    assert len(made) == 5 and all(t[1].startswith('|---') for t in made)
+    stale = [made[0][0], made[0][1], '| LLM-ESR: better overall (100 negatives) | held: +99%, t +9.9 |']
+    other = ['| claim | a hand-made table |', '|---|---|', '| x | y |']
+    text = '\n\n'.join('\n'.join(t) for t in [stale, other] + made[1:]) + '\n\nprose stays.\n'
+    notebook = tmp_path / 'RESULTS.md'
+    notebook.write_text(text)
+    args = ['--notebook', str(notebook), '--results', str(results)]
+    with pytest.raises(SystemExit) as stop:
+        refresh_tables.main(args + ['--check'])
+    assert stop.value.code == 1 and notebook.read_text() == text     # --check writes nothing
+    assert capsys.readouterr().out == f'stale: {made[0][0][:100]}\n'
+    refresh_tables.main(args)
+    after = notebook.read_text()
+    assert refresh_tables.tables(after) == [made[0], other] + made[1:] and after.endswith('\n\nprose stays.\n')
+    with pytest.raises(SystemExit) as stop:
+        refresh_tables.main(args + ['--check'])
+    assert stop.value.code == 0
+    notebook.write_text(after.replace('\n'.join(made[2]), ''))
+    with pytest.raises(SystemExit, match='is not there: paste'):
+        refresh_tables.main(args)
+    notebook.write_text(after + '\n' + '\n'.join(made[2]) + '\n')
+    with pytest.raises(SystemExit, match='stands 2 times'):
+        refresh_tables.main(args)
+    with pytest.raises(SystemExit, match='not a folder'):
+        refresh_tables.main(['--notebook', str(notebook), '--results', str(tmp_path / 'none')])
+
+
 def test_bf16_check_measures_both_ways_and_never_writes_over(tiny, tmp_path):
     import bf16_check
     texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
