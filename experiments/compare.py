@@ -196,13 +196,17 @@ def paired_test(a, b):
             'p_two_sided': None if t is None else math.erfc(abs(t) / math.sqrt(2))}
 
 
+class EmptyGroup(DataError):
+    """--paired over a group that holds no test user of the data."""
+
+
 def paired(a_runs, b_runs, group, k=10, protocol='full'):
     (config, fingerprint), (_, other) = side(a_runs), side(b_runs)
     if fingerprint != other:
         raise DataError('--paired: the two sides were trained on different processed data; use one dataset.')
     users = groups_of_run(a_runs[0], config)[group]
     if not users.any():
-        raise DataError(f'--group {group}: no test user of this data is in it; choose another group.')
+        raise EmptyGroup(f'--group {group}: no test user of this data is in it; choose another group.')
     return {'group': group, 'protocol': protocol,
             **paired_test(user_ndcg(a_runs, k, protocol)[users], user_ndcg(b_runs, k, protocol)[users])}
 

@@ -17,8 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import groups_of_run, paired_test, side, user_ndcg  # noqa: E402
-from data import DataError, or_exit  # noqa: E402
+from compare import EmptyGroup, paired  # noqa: E402
+from data import or_exit  # noqa: E402
 from paper_table import SEEDS, results_folder  # noqa: E402
 
 DATASETS = {'dense': 'beauty', 'sparse': 'beauty-sparse'}
@@ -67,11 +67,10 @@ EFFECTS = [
 
 
 class Runs:
-    """The committed runs under `results`, with each side's per-user NDCG@10 and each dataset's groups
-    read once."""
+    """The committed runs under `results`."""
 
     def __init__(self, results):
-        self.results, self.ndcg, self.groups = results, {}, {}
+        self.results = results
 
     def seeds(self, dataset, name):
         """The run folders of `name`'s finished seeds on `dataset`."""
@@ -79,25 +78,16 @@ class Runs:
         return [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
 
     def compare(self, dataset, a, b, group, protocol):
-        """{'change', 't', 'seeds'} of runs `a` against runs `b` (names) in `group`, or None when a side
-        has no finished seed."""
+        """{'change', 't', 'seeds'} of runs `a` against runs `b` (names) in `group` ('empty': True when
+        no test user is in it), or None when a side has no finished seed."""
         sides = self.seeds(dataset, a), self.seeds(dataset, b)
         if not all(sides):
             return None
-        group = TAIL_ITEMS[dataset] if group == 'tail' else group
-        for runs in sides:
-            if (tuple(runs), protocol) not in self.ndcg:
-                config, fingerprint = side(runs)
-                if fingerprint not in self.groups:
-                    self.groups[fingerprint] = groups_of_run(runs[0], config)
-                self.ndcg[tuple(runs), protocol] = user_ndcg(runs, 10, protocol), fingerprint
-        (a_ndcg, a_data), (b_ndcg, b_data) = (self.ndcg[tuple(runs), protocol] for runs in sides)
-        if a_data != b_data:
-            raise DataError(f'{sides[0][0]} and {sides[1][0]} were trained on other processed data.')
-        users, seeds = self.groups[a_data][group], (len(sides[0]), len(sides[1]))
-        if not users.any():
+        seeds = len(sides[0]), len(sides[1])
+        try:
+            test = paired(*sides, TAIL_ITEMS[dataset] if group == 'tail' else group, protocol=protocol)
+        except EmptyGroup:
             return {'change': None, 't': None, 'seeds': seeds, 'empty': True}
-        test = paired_test(a_ndcg[users], b_ndcg[users])
         return {'change': test['mean_a'] / test['mean_b'] - 1 if test['mean_b'] else None, 't': test['t'],
                 'seeds': seeds}
 
