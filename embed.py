@@ -329,7 +329,7 @@ def main(argv=None):
     p.add_argument('--max-length', type=int, default=256, help='tokens per text; longer texts are cut')
     p.add_argument('--batch-size', type=int, default=64, help='texts per forward pass')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when there is one), 'cpu' or 'cuda'")
-    p.add_argument('--bf16', action='store_true', help='bfloat16 on the CPU too, as on CUDA: about 2x faster')
+    p.add_argument('--bf16', action='store_true', help='bfloat16 on the CPU too (fast with AVX-512/AMX only)')
     p.add_argument('--overwrite', action='store_true', help='replace embeddings in --out made otherwise')
     f = p.add_argument_group('contrastive fine-tuning before embedding (LLM-CFSR)')
     f.add_argument('--finetune', action='store_true', help='tune the LM on attribute-dropped views first')
@@ -377,6 +377,8 @@ def build(args):
     held = guard_out(args.out, 'embeddings', {'--data': args.data})   # before anything is read
     commit = git_commit()                                          # the code this build starts from
     device = pick_device(args.device)
+    if args.bf16 and device.type == 'cpu' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print('warning: --bf16 with no native bfloat16 here: ~8x slower than float32', file=sys.stderr)
     if device.type == 'cuda' and ranks > 1:                        # one GPU per rank
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     data = load_processed(args.data)
@@ -388,10 +390,9 @@ def build(args):
            'item_prompts_sha256': sha256_json(item_texts), 'user_prompts_sha256': sha256_json(user_texts)}
     key.update({'bf16': True} if args.bf16 else {})               # a bfloat16 table is another table
     if args.finetune:                                              # a different tuning is a different cache
-        key['finetune'] = {k: getattr(args, k) for k in ('views', 'drop', 'steps', 'ft_batch_size', 'lr',
-                                                          'warmup', 'temperature', 'temperature_lr', 'seed',
-                                                          'heldout', 'lora', 'lora_r',
-                                                          'lora_alpha', 'lora_dropout')}
+        names = ('views', 'drop', 'steps', 'ft_batch_size', 'lr', 'warmup', 'temperature', 'temperature_lr',
+                 'seed', 'heldout', 'lora', 'lora_r', 'lora_alpha', 'lora_dropout')
+        key['finetune'] = {k: getattr(args, k) for k in names}
     if held and not args.overwrite:
         return reuse(args.out, key)
     partial = f'{args.out.rstrip("/")}.partial'

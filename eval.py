@@ -115,8 +115,7 @@ def rank_targets(model, inputs, targets, negatives, batch_size, device, mask_his
 
 def metrics(ranks, ks):
     """HR@K and NDCG@K (means over users) from 0-based ranks of the single target."""
-    ranks = np.asarray(ranks)
-    out = {}
+    ranks, out = np.asarray(ranks), {}
     for k in ks:
         hit = ranks < k
         out[f'HR@{k}'] = float(hit.mean()) if len(ranks) else None      # None: a group with no users

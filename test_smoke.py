@@ -554,19 +554,23 @@ def test_embed_refuses_other_data_and_missing_model(tmp_path, tiny):
         embed.load_embeddings(str(tmp_path), tiny)
 
 
-def test_bf16_on_the_cpu_is_close_to_float32_and_its_own_cache(tmp_path, tiny):
+def test_bf16_on_the_cpu_is_close_to_float32_and_its_own_cache(tmp_path, tiny, monkeypatch, capsys):
     texts = [r['prompt'] for r in tiny.read_jsonl('items.jsonl') + tiny.read_jsonl('users.jsonl')]
     base = ['--data', tiny.folder, '--lm', tiny_lm(str(tmp_path / 'lm'), 'bert', texts)]
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)   # AVX-512 or AMX
     for name, flags in (('fp32', []), ('bf16', ['--bf16'])):
         embed.main(base + flags + ['--out', str(tmp_path / name)])
+    assert 'warning' not in capsys.readouterr().err
     rows = {f: np.load(tmp_path / f / 'items.npy') for f in ('fp32', 'bf16')}
     assert not np.array_equal(rows['fp32'], rows['bf16'])                # bfloat16 did run
     cos = (rows['fp32'] * rows['bf16']).sum(1) / np.linalg.norm(rows['fp32'], axis=1) / np.linalg.norm(rows['bf16'], axis=1)
     assert cos.min() > 0.99
     assert json.load(open(tmp_path / 'bf16' / 'manifest.json'))['bf16'] is True
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)  # AVX2 only: 8x slower
     for name, flags in (('fp32', ['--bf16']), ('bf16', [])):               # neither passes for the other
         with pytest.raises(SystemExit, match='holds embeddings made with another model.*--overwrite'):
             embed.main(base + flags + ['--out', str(tmp_path / name)])
+        assert ('warning: --bf16 with no native bfloat16' in capsys.readouterr().err) == bool(flags)
     ids = {f: embed.load_inputs({'data': tiny.folder, 'emb': str(tmp_path / f), 'method': 'llmesr'})[3]
            for f in ('fp32', 'bf16')}
     assert ids['fp32'] != ids['bf16']                                    # never pooled as seeds of one variant

@@ -57,7 +57,9 @@ def main(argv=None):
     data = or_exit(load_processed, args.data)
     tokenizer, model = or_exit(load_lm, args.lm, torch.device('cpu'))
     report = {'lm': args.lm, 'data': args.data, 'threads': args.threads, 'max_length': args.max_length,
-              'commit': git_commit(), 'torch': torch.__version__}
+              'commit': git_commit(), 'torch': torch.__version__,
+              'cpu': torch.backends.cpu.get_cpu_capability(),                 # AVX2, AVX512, ...
+              'native_bf16': torch.ops.mkldnn._is_mkldnn_bf16_supported()}    # embed.py's test for --bf16
     for name, n in (('items', args.items), ('users', args.users)):
         texts = [r['prompt'] for r in data.read_jsonl(f'{name}.jsonl')][:n]
         report[name] = compare(texts, tokenizer, model, args.max_length, args.batch_size)
