@@ -165,10 +165,12 @@ def side(runs):
     for r, res in zip(runs[1:], results[1:]):
         a, b = settings(results[0]['config']), settings(res['config'])
         differ = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
-        if differ or res.get('data_fingerprint') != results[0].get('data_fingerprint'):
+        other_emb = res['config'].get('emb_id') != results[0]['config'].get('emb_id')
+        if differ or other_emb or res.get('data_fingerprint') != results[0].get('data_fingerprint'):
             raise DataError(f'--paired: {r} is not a seed of {runs[0]}: ' +
                             (', '.join(f'{key} {b.get(key)!r} against {a.get(key)!r}' for key in differ)
-                             or 'other processed data') + '. Give seeds of one variant per side.')
+                             or ('other embeddings (emb_id)' if other_emb else 'other processed data')) +
+                            '. Give seeds of one variant per side.')
     seeds = [res['config']['seed'] for res in results]
     if len(set(seeds)) < len(seeds):
         raise DataError(f'--paired: a seed is given twice on one side ({", ".join(runs)}).')

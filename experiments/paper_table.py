@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from compare import side  # noqa: E402
 from data import or_exit, read_json  # noqa: E402
 
 # LLM-ESR (arXiv 2405.20646), Table 1, Beauty, SASRec: HR@10 / NDCG@10 with 100 sampled negatives,
@@ -67,9 +68,11 @@ def table(results):
     for heading, dataset, tail, rows in CONDITIONS:
         lines.append(f'| **{heading}** | | | | | |')
         for label, name in rows:
-            paths = [os.path.join(results, dataset, f'{name}-s{s}', 'results.json') for s in SEEDS]
-            runs = [read_json(p, 'results', 'Train or restore the run first.')
-                    for p in paths if os.path.exists(p)]
+            folders = [os.path.join(results, dataset, f'{name}-s{s}') for s in SEEDS]
+            folders = [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+            if folders:
+                side(folders)                          # seeds of one variant, data and embedding table
+            runs = [read_json(os.path.join(f, 'results.json'), 'results', '') for f in folders]
             lines.append(row(label, runs, tail))
     return '\n'.join(lines)
 

@@ -147,6 +147,12 @@ def test_paired_refuses_a_run_twice_and_runs_of_other_variants(tiny_runs, tmp_pa
                   r'a seed is given twice', [tiny_runs[1]], tmp_path)
     fails_cleanly(compare.main, ['--paired', f'{tiny_runs[1]},{tiny_runs[0]}', tiny_runs[0]],
                   r'is not a seed of .*method', [tiny_runs[1]], tmp_path)
+    other = shutil.copytree(tiny_runs[1], tmp_path / 'other-emb')            # a seed of it on other embeddings
+    res = json.load(open(other / 'results.json'))
+    res['config'].update(seed=res['config']['seed'] + 1, emb_id='another table')
+    json.dump(res, open(other / 'results.json', 'w'))
+    fails_cleanly(compare.main, ['--paired', f'{tiny_runs[1]},{other}', tiny_runs[0]],
+                  r'is not a seed of .*other embeddings \(emb_id\)', [tiny_runs[1], other], tmp_path)
     compare.main(['--paired', tiny_runs[0], tiny_runs[0]])                   # no difference: t is null, valid JSON
     got = json.loads(capsys.readouterr().out)
     assert got['t'] is None and got['p_two_sided'] is None
