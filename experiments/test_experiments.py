@@ -477,9 +477,9 @@ def test_view_retrieval_names_what_is_missing(tiny, tiny_emb, tmp_path):
 def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path, capsys):
     import paper_table
 
-    def finish(dataset, name, seed, full, sampled):
+    def finish(dataset, name, seed, full, sampled, emb_id=None):
         group = {'HR@10': full, 'NDCG@10': full / 2}
-        res = {'config': {'seed': seed}, 'test': {
+        res = {'config': {'seed': seed, 'emb_id': emb_id}, 'test': {
             'full': {'overall': group, 'tail_item_paper': group},
             'sampled': {'overall': {'HR@10': sampled, 'NDCG@10': sampled / 2},
                         'tail_item_paper': {'HR@10': sampled, 'NDCG@10': sampled / 2}}}}
@@ -493,6 +493,9 @@ def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path,
     assert lines[sparse + 1] == '| SASRec | 42, 44 | 0.5000 / 0.2500 | 0.5000 / 0.2500 | 0.0500 / 0.0250 | 0.0500 / 0.0250 |'
     assert lines[sparse + 2] == '| LLMInit, MiniLM | not run yet | | | | |'
     assert lines[2].startswith('| paper: SASRec') and len(lines) == 2 + 2 + sum(1 + len(c[3]) for c in paper_table.CONDITIONS)
+    finish('beauty-sparse', 'sasrec-base-ce', 43, 0.05, 0.5, emb_id='another table')   # never averaged in
+    with pytest.raises(SystemExit, match=r'-s43 is not a seed of .*-s42: other embeddings'):
+        paper_table.main([str(tmp_path)])
     with pytest.raises(SystemExit, match='not a folder'):
         paper_table.main([str(tmp_path / 'none')])
 
