@@ -61,6 +61,12 @@ def row(label, runs, tail):
             f'{cell("full", "overall")} | {cell("full", tail)} |')
 
 
+def finished(results, dataset, name):
+    """The run folders of `name`'s finished seeds (of SEEDS) on `dataset` under `results`."""
+    folders = [os.path.join(results, dataset, f'{name}-s{s}') for s in SEEDS]
+    return [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+
+
 def table(results):
     lines = ['| model | seeds | 100 negatives: overall | 100 negatives: tail items | full: overall | '
              'full: tail items |', '|---|---|---:|---:|---:|---:|',
@@ -68,8 +74,7 @@ def table(results):
     for heading, dataset, tail, rows in CONDITIONS:
         lines.append(f'| **{heading}** | | | | | |')
         for label, name in rows:
-            folders = [os.path.join(results, dataset, f'{name}-s{s}') for s in SEEDS]
-            folders = [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+            folders = finished(results, dataset, name)
             if folders:
                 side(folders)                          # seeds of one variant, data and embedding table
             runs = [read_json(os.path.join(f, 'results.json'), 'results', '') for f in folders]

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare import EmptyGroup, paired  # noqa: E402
 from data import or_exit  # noqa: E402
-from paper_table import SEEDS, results_folder  # noqa: E402
+from paper_table import SEEDS, finished, results_folder  # noqa: E402
 
 DATASETS = {'dense': 'beauty', 'sparse': 'beauty-sparse'}
 TAIL_ITEMS = {'beauty': 'tail_item', 'beauty-sparse': 'tail_item_paper'}
@@ -74,8 +74,7 @@ class Runs:
 
     def seeds(self, dataset, name):
         """The run folders of `name`'s finished seeds on `dataset`."""
-        folders = [os.path.join(self.results, dataset, f'{name}-s{s}') for s in SEEDS]
-        return [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+        return finished(self.results, dataset, name)
 
     def compare(self, dataset, a, b, group, protocol):
         """{'change', 't', 'seeds'} of runs `a` against runs `b` (names) in `group` ('empty': True when
