@@ -498,6 +498,14 @@ def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path,
         paper_table.main([str(tmp_path)])
     with pytest.raises(SystemExit, match='not a folder'):
         paper_table.main([str(tmp_path / 'none')])
+    for dataset in ('beauty', 'beauty-sparse'):                  # the re-tuned MiniLM stands in on the 5-core
+        for name in ('sasrec-llminit-ce-cft-s42', 'sasrec-llminit-ce-cft-retuned-s43'):
+            os.makedirs(tmp_path / dataset / name)
+            (tmp_path / dataset / name / 'results.json').write_text('{}')
+    assert paper_table.finished(str(tmp_path), 'beauty', 'sasrec-llminit-ce-cft') == \
+        [str(tmp_path / 'beauty' / 'sasrec-llminit-ce-cft-retuned-s43')]
+    assert paper_table.finished(str(tmp_path), 'beauty-sparse', 'sasrec-llminit-ce-cft') == \
+        [str(tmp_path / 'beauty-sparse' / 'sasrec-llminit-ce-cft-s42')]
 
 
 def test_verdicts_are_paired_tests_of_the_finished_seeds_and_name_the_missing(tiny, tiny_runs, tmp_path, capsys):
