@@ -34,10 +34,14 @@ CROSS_ENTROPY = [
     ('LLM-ESR, tuned MiniLM', 'sasrec-llmesr-ce-cft'),
     ('LLM-CFSR, tuned MiniLM', 'sasrec-cfsr-ce-cft'),
     ("LLM-CFSR's model, untuned MiniLM", 'sasrec-cfsr-ce-lmscale')]
-# Conditions read on one dataset from runs of another name. The 5-core's MiniLM was tuned twice by one
-# command, on an AVX-512 and then an AVX2 CPU; the two are not bit-identical, so their seeds never pool,
-# and only the second could be given all three seeds (RESULTS.md). The first's stay under the plain names.
-STAND_INS = {('beauty', f'sasrec-{m}-ce-cft'): f'sasrec-{m}-ce-cft-retuned' for m in ('cfsr', 'llminit', 'llmesr')}
+# Conditions read on one dataset from runs of another name, once those have every seed (RESULTS.md). The
+# 5-core's MiniLM was tuned twice by one command, on an AVX-512 and then an AVX2 CPU; the two are not
+# bit-identical, so their seeds never pool, and only the second could be given all three seeds. Its
+# bfloat16 MPNet table (AVX-512) cannot be remade on an AVX2 CPU in a session: MPNet runs again on a
+# float32 one. The runs they replace stay under the plain names.
+STAND_INS = {**{('beauty', f'sasrec-{m}-ce-cft'): f'sasrec-{m}-ce-cft-retuned' for m in ('cfsr', 'llminit', 'llmesr')},
+             **{('beauty', f'sasrec-{m}-mpnet'): f'sasrec-{m}-mpnet-fp32'
+                for m in ('llminit-ce', 'llmesr-ce-nocross', 'llmesr-ce')}}
 # (heading, dataset folder under results/, its tail-item group, [(row label, run name)])
 CONDITIONS = [
     ('dense Beauty (5-core), official regime', 'beauty', 'tail_item', [
@@ -67,10 +71,12 @@ def row(label, runs, tail):
 
 def finished(results, dataset, name):
     """The run folders of `name`'s finished seeds (of SEEDS) on `dataset` under `results`, or of its
-    stand-in there."""
-    name = STAND_INS.get((dataset, name), name)
-    folders = [os.path.join(results, dataset, f'{name}-s{s}') for s in SEEDS]
-    return [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+    stand-in's there once it has them all."""
+    def seeds(name):
+        folders = [os.path.join(results, dataset, f'{name}-s{s}') for s in SEEDS]
+        return [f for f in folders if os.path.exists(os.path.join(f, 'results.json'))]
+    stand_in = seeds(STAND_INS[dataset, name]) if (dataset, name) in STAND_INS else []
+    return stand_in if len(stand_in) == len(SEEDS) else seeds(name)
 
 
 def table(results):

@@ -498,12 +498,18 @@ def test_paper_table_averages_the_finished_seeds_and_names_the_missing(tmp_path,
         paper_table.main([str(tmp_path)])
     with pytest.raises(SystemExit, match='not a folder'):
         paper_table.main([str(tmp_path / 'none')])
-    for dataset in ('beauty', 'beauty-sparse'):                  # the re-tuned MiniLM stands in on the 5-core
-        for name in ('sasrec-llminit-ce-cft-s42', 'sasrec-llminit-ce-cft-retuned-s43'):
+    def done(dataset, *names):
+        for name in names:
             os.makedirs(tmp_path / dataset / name)
             (tmp_path / dataset / name / 'results.json').write_text('{}')
+    done('beauty', 'sasrec-llminit-ce-cft-s42', *(f'sasrec-llminit-ce-cft-retuned-s{s}' for s in (43, 44)))
+    done('beauty-sparse', 'sasrec-llminit-ce-cft-s42', 'sasrec-llminit-ce-cft-retuned-s43')
+    # the re-tuned MiniLM stands in on the 5-core once it has every seed, and there only
     assert paper_table.finished(str(tmp_path), 'beauty', 'sasrec-llminit-ce-cft') == \
-        [str(tmp_path / 'beauty' / 'sasrec-llminit-ce-cft-retuned-s43')]
+        [str(tmp_path / 'beauty' / 'sasrec-llminit-ce-cft-s42')]
+    done('beauty', 'sasrec-llminit-ce-cft-retuned-s42')
+    assert paper_table.finished(str(tmp_path), 'beauty', 'sasrec-llminit-ce-cft') == \
+        [str(tmp_path / 'beauty' / f'sasrec-llminit-ce-cft-retuned-s{s}') for s in (42, 43, 44)]
     assert paper_table.finished(str(tmp_path), 'beauty-sparse', 'sasrec-llminit-ce-cft') == \
         [str(tmp_path / 'beauty-sparse' / 'sasrec-llminit-ce-cft-s42')]
 
